@@ -1,0 +1,1 @@
+"""Datasets, the synthetic benchmark, transforms and crops."""

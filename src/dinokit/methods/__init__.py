@@ -1,0 +1,1 @@
+"""dinokit.methods"""
