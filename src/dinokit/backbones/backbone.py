@@ -66,6 +66,9 @@ class Backbone(nn.Module):
         self.size_policy = size_policy
         self.pos_interp = pos_interp
         self.weights_info = dict(weights_info or {})
+        # optional nn.Module mapping the final DenseFeatures to new ones (e.g. a RASA head); every consumer of
+        # forward_features / forward sees its output
+        self.feature_transform: nn.Module | None = None
         self.default_input_size = spec.default_input_size
         cfg = getattr(model, "pretrained_cfg", None) or {}
         self.mean = tuple(cfg.get("mean", (0.485, 0.456, 0.406)))
@@ -149,7 +152,8 @@ class Backbone(nn.Module):
                                  (H, W), valid)
         tokens = self.model.forward_features(x)
         grid = (H // self.patch_size, W // self.patch_size)
-        return self._split(tokens, grid, self.depth - 1, True, (H, W), valid)
+        feats = self._split(tokens, grid, self.depth - 1, True, (H, W), valid)
+        return feats if self.feature_transform is None else self.feature_transform(feats)
 
     def forward(self, x: torch.Tensor, attention_block: int | None = None):
         """Features, or (features, attention of ``attention_block``) from one pass."""
