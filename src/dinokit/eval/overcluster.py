@@ -1,0 +1,247 @@
+"""Overclustering (k-means segmentation) evaluation: standardise, PCA-50, k-means for several K and seeds.
+
+Spec: ``shared/spec/dense_eval.md`` §3. Only the evaluation split is clustered. Protocols:
+
+- ``fast100`` (Leopart/NeCo): points are tokens; the token cluster map and the masks are torch-nearest resized to
+  100x100; K = C uses Hungarian matching, other K many-to-one (precision).
+- ``full``: as ``fast100`` but the token map is torch-nearest resized to each mask's own (H_i, W_i).
+
+PCA is exact: first and second moments of all points accumulated in fp64 (streaming, chunked), standardisation and
+the top eigenvectors derived in closed form. k-means is faiss ``Kmeans`` (defaults: max 256 points per centroid,
+random init, ``nredo`` keeps the lowest objective); ``backend="torch"`` runs the same algorithm in torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ._inputs import MaskLike, as_features, as_masks, check_labels, torch_nearest
+from .metrics import ConfusionMatrix, match_and_score
+
+PROTOCOLS = ("fast100", "full")
+
+
+class FeatureMoments:
+    """Streaming fp64 first and second moments of points (N, D), for standardisation and exact PCA."""
+
+    def __init__(self, dim: int):
+        self.dim, self.n = dim, 0
+        self.shift: torch.Tensor | None = None  # first chunk's mean, subtracted for numerical stability
+        self.sum = torch.zeros(dim, dtype=torch.float64)
+        self.gram = torch.zeros(dim, dim, dtype=torch.float64)
+
+    def update(self, x: torch.Tensor, chunk: int = 65536) -> FeatureMoments:
+        """Add points ``x`` (N, D)."""
+        x = x.reshape(-1, self.dim)
+        for i in range(0, x.shape[0], chunk):
+            c = x[i:i + chunk].double()
+            if self.shift is None:
+                self.shift = c.mean(0)
+            c = c - self.shift
+            self.sum += c.sum(0)
+            self.gram += c.T @ c
+            self.n += c.shape[0]
+        return self
+
+    def mean_cov(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(D,) mean and (D, D) population covariance, fp64."""
+        if self.n == 0 or self.shift is None:
+            raise ValueError("no points were accumulated (empty split?)")
+        m = self.sum / self.n
+        cov = self.gram / self.n - torch.outer(m, m)
+        return m + self.shift, cov
+
+
+@dataclass
+class PCAProjection:
+    """z = ((x - mean) / scale) @ components; components (D, d) are the top-d eigenvectors of cov(z)."""
+
+    mean: torch.Tensor
+    scale: torch.Tensor
+    components: torch.Tensor
+    explained: torch.Tensor = field(repr=False)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, D) -> (N, d) fp32 projected points."""
+        z = (x.double() - self.mean) / self.scale
+        return (z @ self.components).float()
+
+
+def fit_standardised_pca(moments: FeatureMoments, dim: int = 50, std_eps: float = 0.0) -> PCAProjection:
+    """Standardise per dimension ((x - mu)/sigma, population sigma; sigma = 0 -> 1, or sigma + ``std_eps`` when
+    ``std_eps`` > 0) and fit a ``dim``-component PCA (no whitening) from the accumulated moments."""
+    mean, cov = moments.mean_cov()
+    sigma = cov.diagonal().clamp_min(0).sqrt()
+    scale = sigma + std_eps if std_eps > 0 else torch.where(sigma > 0, sigma, torch.ones_like(sigma))
+    cov_z = cov / torch.outer(scale, scale)
+    evals, evecs = torch.linalg.eigh(cov_z)
+    d = min(dim, cov_z.shape[0])
+    order = torch.argsort(evals, descending=True)[:d]
+    return PCAProjection(mean, scale, evecs[:, order].contiguous(), evals[order])
+
+
+@contextmanager
+def faiss_threads(work: float, small: float = 2e7):
+    """Run faiss single-threaded for small problems (``work`` ~ points x centroids): OpenMP start-up and
+    spinning dominate there, badly so on shared CPUs. Restores the previous thread count."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    if work < small:
+        faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
+def kmeans(points: torch.Tensor | np.ndarray, k: int, niter: int = 100, nredo: int = 5, seed: int = 0,
+           backend: str = "faiss", max_points_per_centroid: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """k-means of (N, d) points -> (labels (N,) int64, centroids (k, d) float32).
+
+    ``faiss``: ``faiss.Kmeans(d, k, niter, nredo, seed, spherical=False)`` then nearest centroid (L2) for every
+    point. ``torch``: the same algorithm (random subset of k·256 points, random initial centroids, Lloyd, best of
+    ``nredo``) with a torch RNG; same protocol, not bit-identical to faiss.
+    """
+    x = np.ascontiguousarray(points.numpy() if isinstance(points, torch.Tensor) else points, dtype=np.float32)
+    n, d = x.shape
+    if k > n:
+        raise ValueError(f"K={k} is larger than the number of points ({n}); use K <= {n} or evaluate more images")
+    if k < 1:
+        raise ValueError(f"K must be >= 1, got {k}")
+    if backend == "faiss":
+        import faiss
+
+        with faiss_threads(n * k):
+            km = faiss.Kmeans(d, k, niter=niter, nredo=nredo, seed=seed, spherical=False, verbose=False,
+                              max_points_per_centroid=max_points_per_centroid)
+            km.train(x)
+            _, idx = km.index.search(x, 1)
+        return idx[:, 0].astype(np.int64), km.centroids.copy()
+    if backend == "torch":
+        return _torch_kmeans(torch.from_numpy(x), k, niter, nredo, seed, max_points_per_centroid)
+    raise ValueError(f"unknown kmeans backend {backend!r}; choose 'faiss' or 'torch'")
+
+
+def _assign(x: torch.Tensor, c: torch.Tensor, chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
+    labels, dists = [], []
+    cn = (c * c).sum(1)
+    for i in range(0, x.shape[0], chunk):
+        xi = x[i:i + chunk]
+        dd = (xi * xi).sum(1, keepdim=True) - 2 * xi @ c.T + cn
+        v, j = dd.min(1)
+        labels.append(j)
+        dists.append(v.clamp_min(0))
+    return torch.cat(labels), torch.cat(dists)
+
+
+def _torch_kmeans(x: torch.Tensor, k: int, niter: int, nredo: int, seed: int,
+                  max_ppc: int) -> tuple[np.ndarray, np.ndarray]:
+    g = torch.Generator().manual_seed(seed)
+    n = x.shape[0]
+    train = x[torch.randperm(n, generator=g)[:k * max_ppc]] if n > k * max_ppc else x
+    best, best_obj = None, float("inf")
+    for _ in range(max(1, nredo)):
+        c = train[torch.randperm(train.shape[0], generator=g)[:k]].clone()
+        for _ in range(niter):
+            lab, _ = _assign(train, c)
+            sums = torch.zeros_like(c).index_add_(0, lab, train)
+            cnt = torch.bincount(lab, minlength=k).to(c.dtype)
+            nonempty = cnt > 0
+            c[nonempty] = sums[nonempty] / cnt[nonempty, None]
+        obj = float(_assign(train, c)[1].sum())
+        if obj < best_obj:
+            best, best_obj = c, obj
+    assert best is not None
+    labels, _ = _assign(x, best)
+    return labels.numpy().astype(np.int64), best.numpy()
+
+
+@dataclass
+class OverclusterResult:
+    """``metrics``: flat dict with keys ``k{K}/miou``, ``k{K}/miou_std``, ``k{K}/s{seed}/miou``, ``k{K}/pixel_acc``,
+    ``k{K}/bg_frac`` (many-to-one only); ``cluster_maps``: K -> (B, h, w) int64 token clusters of the first seed;
+    ``confusion``: K -> (C, K) confusion matrix of the first seed."""
+
+    metrics: dict[str, float]
+    cluster_maps: dict[int, np.ndarray]
+    confusion: dict[int, np.ndarray]
+
+
+def project_tokens(feats: torch.Tensor, pca_dim: int = 50, std_eps: float = 0.0) -> torch.Tensor:
+    """Standardise and PCA-project (B, h, w, D) tokens -> (B·h·w, pca_dim) fp32 points."""
+    flat = feats.reshape(-1, feats.shape[-1])
+    pca = fit_standardised_pca(FeatureMoments(flat.shape[1]).update(flat), pca_dim, std_eps)
+    out = torch.empty(flat.shape[0], pca.components.shape[1])
+    for i in range(0, flat.shape[0], 65536):
+        out[i:i + 65536] = pca(flat[i:i + 65536])
+    return out
+
+
+def overcluster(feats: torch.Tensor | np.ndarray, masks: MaskLike, num_classes: int,
+                ks: Sequence[int] | None = None, seeds: Sequence[int] = (0, 1, 2, 3, 4), protocol: str = "fast100",
+                ignore_index: int | None = 255, niter: int = 100, nredo: int = 5, pca_dim: int = 50,
+                eval_size: int = 100, backend: str = "faiss", absent: str = "zero",
+                matching: str | None = None, batch_size: int = 64) -> OverclusterResult:
+    """Overclustering mIoU of patch features against masks.
+
+    Args:
+        feats: (B, h, w, D) patch tokens of the evaluation split (torch or numpy; upcast to fp32).
+        masks: (B, H, W) int masks, or a list of (H_i, W_i) masks for ``full``; ``ignore_index`` pixels skipped.
+        num_classes: number of ground-truth classes C.
+        ks: list of K (default ``[C, 100, 300, 500]`` restricted to K <= number of tokens).
+        seeds: k-means seeds; the mean and std over seeds are reported.
+        protocol: ``fast100`` (maps at ``eval_size``²) or ``full`` (token map resized to each mask).
+        matching: override the matching (default: ``hungarian`` for K = C, ``many_to_one`` precision otherwise).
+    Returns:
+        :class:`OverclusterResult`.
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown overcluster protocol {protocol!r}; choose one of {PROTOCOLS}")
+    f = as_features(feats)
+    b, h, w, _ = f.shape
+    m = as_masks(masks, b)
+    if protocol == "fast100":
+        m = torch.stack([torch_nearest(x, (eval_size, eval_size)) for x in m]) if isinstance(m, list) else \
+            torch_nearest(m, (eval_size, eval_size))
+    check_labels(m, num_classes, ignore_index)
+    n_tokens = b * h * w
+    if ks is None:
+        ks = [k for k in (num_classes, 100, 300, 500) if k <= n_tokens]
+    too_big = [k for k in ks if k > n_tokens]
+    if too_big:
+        raise ValueError(f"K={too_big} exceeds the number of tokens ({b} images x {h}x{w} = {n_tokens}); "
+                         "lower K or evaluate more images")
+    points = project_tokens(f, pca_dim)
+    metrics: dict[str, float] = {}
+    maps: dict[int, np.ndarray] = {}
+    confs: dict[int, np.ndarray] = {}
+    for k in ks:
+        match = matching or ("hungarian" if k == num_classes else "many_to_one")
+        per_seed = []
+        for si, seed in enumerate(seeds):
+            labels, _ = kmeans(points, k, niter=niter, nredo=nredo, seed=seed, backend=backend)
+            cmap = torch.from_numpy(labels).view(b, h, w)
+            cm = ConfusionMatrix(num_classes, k, ignore_index)
+            for i in range(0, b, batch_size):
+                if isinstance(m, torch.Tensor):
+                    cm.update(m[i:i + batch_size], torch_nearest(cmap[i:i + batch_size], tuple(m.shape[-2:])))
+                else:
+                    for j in range(i, min(b, i + batch_size)):
+                        cm.update(m[j], torch_nearest(cmap[j], tuple(m[j].shape[-2:])))
+            s = match_and_score(cm.numpy(), matching=match, absent=absent)
+            per_seed.append(s)
+            metrics[f"k{k}/s{seed}/miou"] = s["miou"]
+            if si == 0:
+                maps[k], confs[k] = cmap.numpy(), cm.numpy()
+        metrics[f"k{k}/miou"] = float(np.mean([s["miou"] for s in per_seed]))
+        metrics[f"k{k}/miou_std"] = float(np.std([s["miou"] for s in per_seed]))
+        metrics[f"k{k}/pixel_acc"] = float(np.mean([s["pixel_acc"] for s in per_seed]))
+        if match == "many_to_one":
+            metrics[f"k{k}/bg_frac"] = float(np.mean([s["bg_frac"] for s in per_seed]))
+    return OverclusterResult(metrics, maps, confs)
