@@ -66,12 +66,30 @@ def components() -> dict:
     return _resolve(COMMANDS) or {}
 
 
+def normalize_args(argv: list[str]) -> list[str]:
+    """Accept ``--skip-bad`` for ``--skip_bad`` and bare boolean flags (``--skip_bad`` -> ``--skip_bad=true``)."""
+    out = []
+    for i, tok in enumerate(argv):
+        if tok.startswith("--") and len(tok) > 2:
+            name, eq, val = tok[2:].partition("=")
+            tok = "--" + name.replace("-", "_") + eq + val
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if not eq and name.replace("-", "_") in _BOOL_FLAGS and (nxt is None or nxt.startswith("--")):
+                tok += "=true"
+        out.append(tok)
+    return out
+
+
+# boolean options that may be given bare on the command line
+_BOOL_FLAGS = {"skip_bad", "quick", "resume", "amp", "keep_aspect", "overwrite", "no_progress"}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``dinokit`` console script."""
     from jsonargparse import CLI
 
-    result = CLI(components(), args=sys.argv[1:] if argv is None else argv, as_positional=False,
-                 parser_mode="yaml", prog="dinokit")
+    args = normalize_args(sys.argv[1:] if argv is None else list(argv))
+    result = CLI(components(), args=args, as_positional=False, parser_mode="yaml", prog="dinokit")
     return int(result) if isinstance(result, int | bool) else 0
 
 
