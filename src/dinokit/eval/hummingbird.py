@@ -1,0 +1,256 @@
+"""Hummingbird dense nearest-neighbour retrieval (in-context segmentation), protocol ``hb2`` (spec §5).
+
+Memory: L2-normalised patch tokens of the train split (optionally E augmented passes) with soft cell labels
+(histogram of each cell's p x p pixel classes / p², ignore -> 0), bounded to M rows by class-frequency-aware
+sampling (rare classes favoured). Query: each val token retrieves its k = 30 largest inner products; weights =
+softmax(cos / β) with β = 0.02; ŷ = Σ a_i y_i. ŷ (C, h, w) is bilinearly upsampled to the label size, argmaxed and
+streamed into a C x C confusion matrix (never stored), scored with Hungarian matching.
+
+kNN backends (exact): ``faiss-cpu`` (``IndexFlatIP``), ``faiss-gpu`` (``GpuIndexFlatIP``), ``torch`` (chunked q·Mᵀ
+with a running top-k merge; the memory may stay on CPU); ``auto`` = faiss-gpu > faiss-cpu > torch. Approximate
+``ivf{nlist}-p{nprobe}`` uses faiss IVF-Flat. Under ``torch.distributed`` val images are sharded by rank and the
+confusion matrices all-reduced (the memory is built identically on every rank).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ._inputs import MaskLike, as_features, as_masks, check_labels
+from .metrics import ConfusionMatrix, match_and_score
+
+EMPTY_CELL_SCORE = 1e6
+
+
+def memory_quota(memory_size: int | None, n_images: int, epochs: int = 1) -> int | None:
+    """Cells kept per image and pass: q = max(1, floor(M / max(1, N·E))); None when unbounded."""
+    if memory_size is None:
+        return None
+    return max(1, memory_size // max(1, n_images * epochs))
+
+
+def soft_cell_labels(masks: torch.Tensor, grid: tuple[int, int], num_classes: int,
+                     ignore_index: int | None = 255, ignore_to: int = 0) -> torch.Tensor:
+    """(B, H, W) int masks -> (B, h, w, C) soft labels: per cell the histogram of its pixel classes / pixels.
+
+    H, W must be multiples of the grid (cells of (H/h) x (W/w) pixels). ``ignore_index`` pixels count as
+    class ``ignore_to`` (upstream: VOC 255 -> 0; memory only).
+    """
+    b, hh, ww = masks.shape
+    h, w = grid
+    if hh % h or ww % w:
+        raise ValueError(f"mask size {hh}x{ww} is not a multiple of the feature grid {h}x{w}; resize masks to "
+                         "grid x patch size (squash S)")
+    m = masks.long()
+    if ignore_index is not None:
+        m = torch.where(m == ignore_index, torch.full_like(m, ignore_to), m)
+    check_labels(m, num_classes, None)
+    onehot = F.one_hot(m, num_classes).float().permute(0, 3, 1, 2)  # (B, C, H, W)
+    return F.avg_pool2d(onehot, (hh // h, ww // w)).permute(0, 2, 3, 1).contiguous()
+
+
+def sample_cells(labels: torch.Tensor, quota: int, generator: torch.Generator) -> torch.Tensor:
+    """Indices of the ``quota`` cells of one image to keep, rare classes first.
+
+    labels: (N, C) soft labels of the image's cells. f_c = number of cells containing class c;
+    score_i = Σ_{c in cell i} f_c (1e6 for a cell without pixels) times u_i ~ U(0, 1); keep the lowest.
+    """
+    present = labels > 0
+    f = present.sum(0).double()
+    score = (present.double() * f).sum(1)
+    score = torch.where(present.any(1), score, torch.full_like(score, EMPTY_CELL_SCORE))
+    u = torch.rand(labels.shape[0], generator=generator, dtype=torch.float64)
+    return torch.argsort(score * u)[:quota]
+
+
+@dataclass
+class MemoryBank:
+    """features (R, D) L2-normalised (fp32 or fp16); labels (R, C) soft labels (rows sum to 1)."""
+
+    features: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.features.shape[0]
+
+
+def build_memory(feats: torch.Tensor | np.ndarray, masks: MaskLike, num_classes: int,
+                 memory_size: int | None = 102_400, epochs: int = 1, seed: int = 0,
+                 ignore_index: int | None = 255, ignore_to: int = 0, mem_dtype: torch.dtype = torch.float32,
+                 image_index: Sequence[int] | None = None) -> MemoryBank:
+    """Memory bank from train features (B, h, w, D) and masks (B, H, W) at grid x patch-size resolution.
+
+    ``B`` = N_train·E feature maps (E augmented passes stacked); the per-image quota is computed from
+    ``memory_size`` and B (``epochs`` only documents how many passes B holds). Sampling of image ``i`` uses a
+    CPU generator seeded by (seed, image_index[i]) so sharding images over ranks does not change it.
+    """
+    f = as_features(feats, "memory features")
+    b, h, w, d = f.shape
+    m = as_masks(masks, b, "memory masks")
+    if isinstance(m, list):
+        m = torch.stack(m)
+    labels = soft_cell_labels(m, (h, w), num_classes, ignore_index, ignore_to)
+    q = memory_quota(memory_size, b, 1)
+    f = F.normalize(f, dim=-1, eps=1e-12).reshape(b, h * w, d)
+    labels = labels.reshape(b, h * w, num_classes)
+    if q is None or q >= h * w:
+        return MemoryBank(f.reshape(-1, d).to(mem_dtype), labels.reshape(-1, num_classes))
+    idx = list(image_index) if image_index is not None else list(range(b))
+    feats_out, labels_out = [], []
+    for i in range(b):
+        g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(idx[i]))
+        keep = sample_cells(labels[i], q, g)
+        feats_out.append(f[i, keep])
+        labels_out.append(labels[i, keep])
+    return MemoryBank(torch.cat(feats_out).to(mem_dtype), torch.cat(labels_out))
+
+
+def resolve_backend(backend: str = "auto") -> str:
+    """``auto`` -> ``faiss-gpu`` if available, else ``faiss-cpu`` if faiss imports, else ``torch``."""
+    if backend != "auto":
+        return backend
+    try:
+        import faiss
+    except ImportError:
+        return "torch"
+    return "faiss-gpu" if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0 else "faiss-cpu"
+
+
+def knn_search(queries: torch.Tensor, memory: torch.Tensor, k: int, backend: str = "auto",
+               chunk: int = 65536, query_chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-``k`` inner products: queries (Q, D), memory (R, D) -> (scores (Q, k), indices (Q, k) int64).
+
+    ``torch`` streams the memory in ``chunk`` rows (moved to the queries' device) and merges running top-k lists.
+    """
+    backend = resolve_backend(backend)
+    if k > memory.shape[0]:
+        raise ValueError(f"k={k} neighbours requested from a memory of {memory.shape[0]} rows; lower k or enlarge "
+                         "the memory")
+    if backend == "torch":
+        out_s, out_i = [], []
+        for qs in range(0, queries.shape[0], query_chunk):
+            q = queries[qs:qs + query_chunk].float()
+            best_s = torch.full((q.shape[0], 0), float("-inf"), device=q.device)
+            best_i = torch.zeros((q.shape[0], 0), dtype=torch.long, device=q.device)
+            for ms in range(0, memory.shape[0], chunk):
+                mem = memory[ms:ms + chunk].to(q.device, torch.float32)
+                s, i = torch.topk(q @ mem.T, min(k, mem.shape[0]), dim=1)
+                cat_s, cat_i = torch.cat([best_s, s], 1), torch.cat([best_i, i + ms], 1)
+                best_s, j = torch.topk(cat_s, min(k, cat_s.shape[1]), dim=1)
+                best_i = torch.gather(cat_i, 1, j)
+            out_s.append(best_s)
+            out_i.append(best_i)
+        return torch.cat(out_s), torch.cat(out_i)
+    import faiss
+
+    from .overcluster import faiss_threads
+
+    mem = np.ascontiguousarray(memory.detach().cpu().float().numpy())
+    d = mem.shape[1]
+    approx = re.fullmatch(r"ivf(\d+)-p(\d+)", backend)
+    if backend in ("faiss-cpu", "faiss-gpu"):
+        index = faiss.IndexFlatIP(d)
+        if backend == "faiss-gpu":
+            index = faiss.index_cpu_to_all_gpus(index)
+    elif approx:
+        nlist, nprobe = int(approx.group(1)), int(approx.group(2))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.train(mem)
+        index.nprobe = nprobe
+    else:
+        raise ValueError(f"unknown kNN backend {backend!r}; choose auto, faiss-cpu, faiss-gpu, torch or ivf<N>-p<M>")
+    with faiss_threads(float(queries.shape[0]) * mem.shape[0] / 64):
+        index.add(mem)
+        s, i = index.search(np.ascontiguousarray(queries.detach().cpu().float().numpy()), k)
+    return torch.from_numpy(s).to(queries.device), torch.from_numpy(i).to(queries.device)
+
+
+def soft_predict(queries: torch.Tensor, memory: MemoryBank, k: int = 30, beta: float = 0.02,
+                 backend: str = "auto") -> torch.Tensor:
+    """Soft label predictions (Q, C) of query tokens (Q, D): softmax over the k neighbours of cos/β."""
+    scores, idx = knn_search(queries, memory.features, k, backend)
+    qn = queries.float().norm(dim=1, keepdim=True).clamp_min(1e-12).to(scores.device)
+    mn = memory.features.float().norm(dim=1).clamp_min(1e-12).to(idx.device)[idx]
+    a = torch.softmax(scores / qn / mn / beta, dim=1)
+    return torch.einsum("qk,qkc->qc", a, memory.labels.to(a.device)[idx])
+
+
+def rank_shard(n: int) -> list[int]:
+    """Indices of the n items this rank evaluates (strided by rank; everything without a process group)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return list(range(dist.get_rank(), n, dist.get_world_size()))
+    return list(range(n))
+
+
+@dataclass
+class HummingbirdResult:
+    """``metrics``: ``miou``, ``pixel_acc``, ``mem_rows``, per-class IoU; ``confusion``: (C, C) int64 (before
+    matching); ``examples``: argmax label maps of the first ``n_examples`` val images (label resolution)."""
+
+    metrics: dict[str, float]
+    confusion: np.ndarray
+    examples: list[np.ndarray] = field(default_factory=list)
+
+
+def hummingbird(train_feats: torch.Tensor | np.ndarray, train_masks: MaskLike, val_feats: torch.Tensor | np.ndarray,
+                val_masks: MaskLike, num_classes: int, k: int = 30, beta: float = 0.02,
+                memory_size: int | None = 102_400, backend: str = "auto", matching: str = "hungarian",
+                ignore_index: int | None = 255, memory_ignore_to: int = 0, seed: int = 0, batch_size: int = 16,
+                mem_dtype: torch.dtype = torch.float32, n_examples: int = 0,
+                class_names: Sequence[str] | None = None) -> HummingbirdResult:
+    """Hummingbird mIoU of val features against a memory built from train features.
+
+    Args:
+        train_feats: (N_train·E, h, w, D) memory features; train_masks (N_train·E, H, W) at grid x patch size.
+        val_feats: (B, h', w', D) query features; val_masks (B, H, W) or a list of (H_i, W_i) label maps.
+        num_classes: C (memory bins and confusion matrix size).
+        memory_size: M rows (None = unbounded, all cells).
+        backend: kNN backend (see :func:`knn_search`).
+        matching: ``hungarian`` (upstream default) or ``none``.
+    Returns:
+        :class:`HummingbirdResult`; under DDP the val split is sharded by rank and the confusion all-reduced.
+    """
+    mem = build_memory(train_feats, train_masks, num_classes, memory_size, seed=seed, ignore_index=ignore_index,
+                       ignore_to=memory_ignore_to, mem_dtype=mem_dtype)
+    vf = as_features(val_feats, "val features")
+    b, h, w, d = vf.shape
+    if d != mem.features.shape[1]:
+        raise ValueError(f"val features have D={d} but the memory has D={mem.features.shape[1]}; use one backbone")
+    vm = as_masks(val_masks, b, "val masks")
+    check_labels(vm, num_classes, ignore_index)
+    cm = ConfusionMatrix(num_classes, num_classes, ignore_index)
+    examples: list[np.ndarray] = []
+    mine = rank_shard(b)
+    for s in range(0, len(mine), batch_size):
+        ids = mine[s:s + batch_size]
+        y = soft_predict(vf[ids].reshape(-1, d), mem, k, beta, backend).view(len(ids), h, w, num_classes)
+        y = y.permute(0, 3, 1, 2)
+        for j, i in enumerate(ids):
+            size = tuple(vm[i].shape[-2:])
+            pred = F.interpolate(y[j:j + 1], size=size, mode="bilinear", align_corners=False).argmax(1)[0]
+            cm.update(vm[i], pred)
+            if i < n_examples:
+                examples.append(pred.numpy())
+    cm.all_reduce()
+    conf = cm.numpy()
+    metrics = match_and_score(conf, matching=matching, absent="zero", class_names=class_names)
+    metrics["mem_rows"] = len(mem)
+    return HummingbirdResult(metrics, conf, examples)
+
+
+def select_subset(n: int, fraction: float | None = None, seed: int = 0) -> list[int]:
+    """Seeded subset of ``round(fraction·n)`` (>= 1) indices out of ``range(n)``, sorted; all when None/1."""
+    if fraction is None or fraction >= 1:
+        return list(range(n))
+    if not 0 < fraction < 1:
+        raise ValueError(f"train fraction must be in (0, 1], got {fraction}")
+    g = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(n, generator=g)[:max(1, round(fraction * n))].tolist())
