@@ -776,7 +776,7 @@ def validate_probe(head: RASAHead, stage: int, batches: Iterable[torch.Tensor],
         y = position_targets(h, w, x.device)
         pred = _activate(xp.reshape(B, h * w, D) @ W.to(x.device).T, head.activation)
         se += float((pred - y).pow(2).sum())
-        sq0 += float((y - 0.5).pow(2).sum()) * B
+        sq0 += float((position_targets(h, w, dtype=torch.float64) - 0.5).pow(2).sum()) * B
         n += B * h * w * 2
         if pos_embed is not None:
             pe = pos_embed(h, w)
