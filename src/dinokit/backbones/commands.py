@@ -30,9 +30,9 @@ class ImageInput(Dataset):
         self.dataset = None
         if not self.root.exists():
             raise FileNotFoundError(f"--data {self.root} does not exist")
-        if self.root.is_dir() and not _looks_like_plain_folder(self.root):
-            from ..data.datasets import open_dataset
+        from ..data.datasets import detect_layout, open_dataset
 
+        if self.root.is_dir() and detect_layout(self.root) != "folder":
             self.dataset = open_dataset(self.root, split or "train")
             self.ids = list(self.dataset.ids)
         else:
@@ -60,11 +60,6 @@ class ImageInput(Dataset):
         except (BadImageError, OSError, ValueError) as err:
             return {"image": torch.zeros(3, *self.size, dtype=torch.uint8), "id": self.ids[i], "index": i,
                     "ok": False, "reason": str(err)}
-
-
-def _looks_like_plain_folder(root: Path) -> bool:
-    markers = ("JPEGImages", "images.txt", "leftImg8bit", "ADEChallengeData2016", "images")
-    return not any((root / m).exists() for m in markers)
 
 
 def _collate(items: list[dict]) -> dict:

@@ -1,15 +1,17 @@
-"""Demo stage 1: synthetic benchmark, a small ViT, dense features, attention and PCA figures."""
+"""Demo stage 1: synthetic benchmark on disk, a small ViT, sharded dense features, attention and PCA figures."""
 
 from __future__ import annotations
 
 import time
 
-import numpy as np
 import torch
 
 from ..backbones import load_backbone
+from ..backbones.commands import ImageInput, extract_features
+from ..backbones.shards import load_feature_dir
+from ..data.layouts import write_cub_layout, write_voc_layout
 from ..data.synthetic import SyntheticScenes
-from ..data.transforms import to_tensor_batch
+from ..io import run_metadata
 from ..viz import mass_threshold_mask, pca_rgb, save_grid, upsample_map
 
 
@@ -26,37 +28,45 @@ def demo_backbone(ctx):
 
 
 def run(ctx) -> dict[str, float]:
-    scenes = demo_scenes(ctx, "train")
-    bb = demo_backbone(ctx)
-    imgs = [scenes[i].image for i in range(len(scenes))]
-    t0 = time.perf_counter()
-    feats, attns = [], []
-    with torch.no_grad():
-        for i in range(0, len(imgs), 32):
-            x = to_tensor_batch(imgs[i:i + 32], bb.mean, bb.std, ctx.device)
-            f, a = bb(x, attention_block=-1)
-            feats.append(f.patch.cpu())
-            attns.append(a.cls.cpu())
-    dt = time.perf_counter() - t0
-    patch, attn = torch.cat(feats), torch.cat(attns)
-    n_show = min(4, len(imgs))
-    rgb = pca_rgb(patch[:n_show])
     size = (ctx.image_size, ctx.image_size)
+    n_val = max(8, ctx.n_images // 4)
+    voc = write_voc_layout(ctx.data_root / "voc", ctx.n_images, n_val, size, seed=ctx.seed * 10 + 5, overwrite=True)
+    cub = write_cub_layout(ctx.data_root / "cub", ctx.n_images, n_val, size, seed=ctx.seed * 10 + 6, overwrite=True)
+    ctx.cache.update(voc_root=voc["root"], cub_root=cub["root"])
+    bb = demo_backbone(ctx)
+    ds = ImageInput(ctx.data_root / "voc", size, split="train", min_side=bb.patch_size)
+    t0 = time.perf_counter()
+    meta = run_metadata({"data": voc["root"], "backbone": bb.name, "weights": "random"}, "features", bb.weights_info)
+    summary = extract_features(bb, ds, ctx.out / "features", batch_size=32, shard_size=64, meta=meta,
+                               progress=False)
+    dt = time.perf_counter() - t0
+    fs = load_feature_dir(ctx.out / "features", expect_backbone=bb.name)
+    ctx.cache["features_dir"] = str(ctx.out / "features")
+    n_show = min(4, len(ds))
+    imgs = [ds[i]["image"].permute(1, 2, 0).numpy() for i in range(n_show)]
+    x = torch.stack([ds[i]["image"] for i in range(n_show)]).float().div(255)
+    x = (x - torch.tensor(bb.mean).view(1, 3, 1, 1)) / torch.tensor(bb.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        attn = bb.attention(x.to(ctx.device), block=-1).renormalized().cpu()
+    rgb = pca_rgb(fs.patch[:n_show].float())
     heads = attn.shape[1]
-    masks = mass_threshold_mask(attn[:n_show].mean(1), 0.6)
+    masks = mass_threshold_mask(attn.mean(1), 0.6)
     panels, titles, overlays = [], [], []
     for i in range(n_show):
         head_maps = [upsample_map(attn[i, h], size) for h in range(heads)]
         panels.append([imgs[i], upsample_map(rgb[i], size), *[imgs[i]] * heads, imgs[i]])
         overlays.append([None, None, *head_maps, upsample_map(masks[i].float(), size)])
-        titles.append(["image", "PCA of patches", *[f"head {h}" for h in range(heads)], "mask tau=0.6"])
+        titles.append([fs.image_ids[i][:18], "PCA of patches", *[f"head {h}" for h in range(heads)], "mask tau=0.6"])
     fig = save_grid(ctx.figures / "foundation_attention_pca.png", panels, titles, overlays=overlays)
-    ctx.section("Backbone, dense features and attention",
-                f"{bb.name} ({bb.arch}), RANDOM initialisation (weights='random'): the patterns below are "
-                f"those of an untrained network. {len(imgs)} scenes, grid {tuple(patch.shape[1:3])}, "
-                f"{len(imgs) / dt:.1f} images/s for features + last-block attention in one pass.",
-                [fig], {"images": len(imgs), "grid": str(tuple(patch.shape[1:3])), "embed_dim": patch.shape[-1]})
+    ctx.section("Synthetic benchmark, backbone, dense features and attention",
+                f"Synthetic benchmark written as a VOC-style layout ({voc['n_train']} train / {voc['n_val']} val) and "
+                f"a CUB-style fine-grained layout ({cub['n_train']} train / {cub['n_test']} test) under data/. "
+                f"{bb.name} ({bb.arch}) with RANDOM weights (weights='random'): the maps below are those of an "
+                f"untrained network. `dinokit features` pipeline: {len(fs.image_ids)} images read back through the "
+                f"VOC loader into {summary['n_shards']} safetensors shard(s), grid {fs.grid}, "
+                f"{len(fs.image_ids) / dt:.1f} images/s.",
+                [fig], {"images": len(fs.image_ids), "grid": str(fs.grid), "embed_dim": int(fs.patch.shape[-1]),
+                        "registers": int(fs.registers.shape[1])})
     ctx.cache["backbone"] = bb
-    return {"images": len(imgs), "grid_h": int(patch.shape[1]), "grid_w": int(patch.shape[2]),
-            "images_per_s": round(len(imgs) / dt, 2), "weights": "random",
-            "attention_mass_check": float(np.abs(attn.sum((-2, -1)).numpy() <= 1 + 1e-5).mean())}
+    return {"images": len(fs.image_ids), "grid_h": fs.grid[0], "grid_w": fs.grid[1], "shards": summary["n_shards"],
+            "images_per_s": round(len(fs.image_ids) / dt, 2), "weights": "random", "bad_files": len(summary["bad"])}
