@@ -20,7 +20,7 @@ def mass_threshold_mask(attn: torch.Tensor, tau: float = 0.6) -> torch.Tensor:
     shape = attn.shape
     a = attn.reshape(-1, shape[-2] * shape[-1]).float()
     a = a / a.sum(-1, keepdim=True).clamp_min(1e-12)
-    vals, idx = a.sort(-1, descending=True)
+    vals, idx = a.sort(dim=-1, descending=True, stable=True)  # stable: ties broken by index
     cum = vals.cumsum(-1)
     keep_sorted = (cum - vals) < tau  # include the element that crosses tau
     keep = torch.zeros_like(keep_sorted)
