@@ -57,7 +57,7 @@ class Backbone(nn.Module):
     """
 
     def __init__(self, model: nn.Module, name: str, spec: ModelSpec, *, size_policy: str = "error",
-                 pos_interp: str = "official", weights_info: dict | None = None):
+                 pos_interp: str = "official", weights_info: dict | None = None, freeze_bn: bool = False):
         super().__init__()
         if size_policy not in SIZE_POLICIES:
             raise ValueError(f"size_policy={size_policy!r}; choose one of {SIZE_POLICIES}")
@@ -66,6 +66,9 @@ class Backbone(nn.Module):
         self.size_policy = size_policy
         self.pos_interp = pos_interp
         self.weights_info = dict(weights_info or {})
+        self.freeze_bn = freeze_bn
+        self.kept_tensors: dict[str, torch.Tensor] = {}  # tensors dropped at load but kept for export (mask_token)
+        self.model_kwargs: dict = {}
         # optional nn.Module mapping the final DenseFeatures to new ones (e.g. a RASA head); every consumer of
         # forward_features / forward sees its output
         self.feature_transform: nn.Module | None = None
@@ -84,6 +87,22 @@ class Backbone(nn.Module):
         else:
             self.patch_size, self.embed_dim = 32, int(model.num_features)
             self.depth, self.num_heads, self.num_registers, self.num_prefix_tokens = 4, 0, 0, 0
+
+    def train(self, mode: bool = True) -> Backbone:
+        """``nn.Module.train``; with ``freeze_bn`` BatchNorm layers stay in eval mode (running stats frozen)."""
+        super().train(mode)
+        if mode and self.freeze_bn:
+            for m in self.model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
+    def export(self, path, format: str = "dinokit"):
+        """Write the weights: ``dinokit`` (safetensors, timm keys + metadata; reload with
+        ``load_backbone(weights=path)``) or ``official`` (DINO / DINOv2 layout .pth). Returns the path."""
+        from .weights import export
+
+        return export(self, path, format)
 
     # ------------------------------------------------------------------ geometry
     @property
@@ -120,9 +139,11 @@ class Backbone(nn.Module):
             raise ValueError(f"expected images (B, C, H, W), got shape {tuple(x.shape)}")
         H, W = x.shape[-2:]
         H2, W2 = self._policy_size(H, W)
+        p = self.patch_size
+        if self.size_policy == "pad" and (H2, W2) == (H, W):
+            return x, torch.ones(H // p, W // p, dtype=torch.bool, device=x.device)
         if (H2, W2) == (H, W):
             return x, None
-        p = self.patch_size
         if self.size_policy == "crop":
             return x[..., :H2, :W2], None
         if self.size_policy == "pad":
@@ -148,8 +169,9 @@ class Backbone(nn.Module):
         if not self.is_vit:
             fm = self.model.forward_features(x)  # (B, C, h, w)
             B, C, h, w = fm.shape
-            return DenseFeatures(fm.permute(0, 2, 3, 1), None, fm.new_zeros(B, 0, C), (h, w), 32, 3, False,
-                                 (H, W), valid)
+            feats = DenseFeatures(fm.permute(0, 2, 3, 1), None, fm.new_zeros(B, 0, C), (h, w), H // h, 3, False,
+                                  (H, W), valid)
+            return feats if self.feature_transform is None else self.feature_transform(feats)
         tokens = self.model.forward_features(x)
         grid = (H // self.patch_size, W // self.patch_size)
         feats = self._split(tokens, grid, self.depth - 1, True, (H, W), valid)
@@ -173,15 +195,15 @@ class Backbone(nn.Module):
         """Outputs of several blocks (int n: the last n) as DenseFeatures, via timm forward_intermediates."""
         x, valid = self.prepare(x)
         H, W = x.shape[-2:]
-        if not self.is_vit:
-            fms = self.model.forward_intermediates(x, indices=indices, intermediates_only=True)
+        idx = self._indices(indices)
+        if not self.is_vit:  # ResNet stages layer1..layer4 (timm feature index 0 is the stem)
+            fms = self.model.forward_intermediates(x, indices=[i + 1 for i in idx], intermediates_only=True)
             out = []
-            for i, fm in enumerate(fms):
+            for i, fm in zip(idx, fms):
                 B, C, h, w = fm.shape
                 out.append(DenseFeatures(fm.permute(0, 2, 3, 1), None, fm.new_zeros(B, 0, C), (h, w),
                                          H // h, i, False, (H, W), valid))
             return out
-        idx = self._indices(indices)
         outs = self.model.forward_intermediates(x, indices=idx, return_prefix_tokens=True, norm=norm,
                                                 output_fmt="NLC", intermediates_only=True, stop_early=True)
         grid = (H // self.patch_size, W // self.patch_size)
@@ -193,7 +215,12 @@ class Backbone(nn.Module):
 
     def _indices(self, indices: int | list[int]) -> list[int]:
         if isinstance(indices, int):
+            if not 1 <= indices <= self.depth:
+                raise ValueError(f"indices={indices}: ask for 1 to {self.depth} last blocks of {self.name}")
             return list(range(self.depth - indices, self.depth))
+        bad = [i for i in indices if not -self.depth <= i < self.depth]
+        if bad:
+            raise IndexError(f"block indices {bad} out of range for {self.name} with {self.depth} blocks")
         return [i % self.depth for i in indices]
 
     # ------------------------------------------------------------------ attention and facets
@@ -346,32 +373,47 @@ def load_backbone(name: str | None = None, weights: str = "pretrained", *, tag: 
                   key: str | None = None, drop_registers: bool = False, trust_checkpoint: bool = False,
                   pos_interp: str = "official", size_policy: str = "error", drop_path_rate: float = 0.0,
                   device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-                  rasa: str | None = None, model_kwargs: dict | None = None) -> Backbone:
+                  rasa: str | None = None, model_kwargs: dict | None = None, num_classes: int = 0,
+                  freeze_bn: bool = False) -> Backbone:
     """Create a backbone by short name / timm name and load its weights.
 
-    ``weights``: ``"pretrained"`` (the name's default tag), a tag, a file path, or ``"random"``.
-    ``rasa``: optional path of a RASA head applied to every ``DenseFeatures`` this backbone yields.
-    See ``shared/spec/backbones.md`` for the resolution order and the errors raised.
+    ``weights``: ``"pretrained"`` (the name's default tag, or ``tag``), a tag, a file path (official, timm or
+    dinokit layout, possibly wrapped), or ``"random"``. ``name`` may be omitted for a dinokit-format file.
+    ``which``/``key`` pick the weights inside training checkpoints; ``drop_registers`` loads register weights into
+    a model without registers. ``num_classes`` > 0 keeps/creates a classifier head (ResNet ``fc``);
+    ``freeze_bn`` keeps BatchNorm in eval mode while training. ``rasa``: optional path of a RASA head applied to
+    every ``DenseFeatures`` this backbone yields. See ``shared/spec/backbones.md`` §8 for resolution and errors.
     """
+    import json
+
     from . import weights as W
 
+    meta: dict = {}
     if name is None:
         name = W.name_from_file(weights)
+        meta = W.file_metadata(weights)
+        if tag is None and meta.get("tag"):
+            tag = meta["tag"]
+        if model_kwargs is None and meta.get("model_kwargs"):
+            model_kwargs = json.loads(meta["model_kwargs"]) or None
     name, spec = resolve_name(name, tag)
     if spec.random_only and weights != "random" and not W.is_file(weights):
         raise ValueError(f"{name!r} is a test-only architecture without published weights; "
                          "pass weights='random' or a local file")
     kwargs = dict(pretrained=False, **spec.kwargs, **(model_kwargs or {}))
-    if spec.family == "resnet":
-        kwargs.setdefault("num_classes", 0)
-    else:
-        kwargs.update(num_classes=0, dynamic_img_size=True, drop_path_rate=drop_path_rate)
+    kwargs["num_classes"] = num_classes
+    if spec.family != "resnet":
+        kwargs.update(dynamic_img_size=True, drop_path_rate=drop_path_rate)
         if spec.family == "dinov3":
             kwargs["global_pool"] = "token"
-    model = W.create_model(spec, kwargs, weights)
-    info = W.load_weights(model, name, spec, weights, offline=offline, cache_dir=cache_dir, which=which,
-                          key=key, drop_registers=drop_registers, trust_checkpoint=trust_checkpoint)
-    bb = Backbone(model, name, spec, size_policy=size_policy, pos_interp=pos_interp, weights_info=info)
+    ckpt = W.read_checkpoint(name, spec, weights, tag=tag, offline=offline, cache_dir=cache_dir, which=which,
+                             key=key, trust_checkpoint=trust_checkpoint)
+    model = W.create_model(spec, kwargs, weights, ckpt, keep_img_size="img_size" in (model_kwargs or {}))
+    info, kept = W.load_weights(model, name, spec, weights, ckpt=ckpt, drop_registers=drop_registers)
+    bb = Backbone(model, name, spec, size_policy=size_policy, pos_interp=pos_interp, weights_info=info,
+                  freeze_bn=freeze_bn)
+    bb.kept_tensors = kept
+    bb.model_kwargs = dict(model_kwargs or {})
     if spec.tag:
         try:
             cfg = timm.models.get_pretrained_cfg(f"{spec.arch}.{spec.tag}")

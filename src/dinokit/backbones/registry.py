@@ -74,3 +74,18 @@ def family_of_arch(arch: str) -> str:
 def supported_names() -> list[str]:
     """Short names a user may pass (tiny test names excluded)."""
     return [k for k, v in REGISTRY.items() if not v.random_only or k == "demo_vit"]
+
+
+# (embed dim, depth, patch size, registers, swiglu MLP) of the published models: used to suggest the right short
+# name when a checkpoint's shapes do not fit the requested architecture
+SHAPES: dict[str, tuple[int, int, int, int, bool]] = {
+    "dino_vits16": (384, 12, 16, 0, False), "dino_vits8": (384, 12, 8, 0, False),
+    "dino_vitb16": (768, 12, 16, 0, False), "dino_vitb8": (768, 12, 8, 0, False),
+    "dinov2_vits14": (384, 12, 14, 0, False), "dinov2_vits14_reg": (384, 12, 14, 4, False),
+    "dinov2_vitb14": (768, 12, 14, 0, False), "dinov2_vitb14_reg": (768, 12, 14, 4, False),
+    "dinov2_vitl14": (1024, 24, 14, 0, False), "dinov2_vitl14_reg": (1024, 24, 14, 4, False),
+    "dinov2_vitg14": (1536, 40, 14, 0, True), "dinov2_vitg14_reg": (1536, 40, 14, 4, True),
+    "dinov3_vits16": (384, 12, 16, 4, False), "dinov3_vits16plus": (384, 12, 16, 4, True),
+    "dinov3_vitb16": (768, 12, 16, 4, False), "dinov3_vitl16": (1024, 24, 16, 4, False),
+    "dinov3_vith16plus": (1280, 32, 16, 4, True), "dinov3_vit7b16": (4096, 40, 16, 4, True),
+}
