@@ -118,8 +118,10 @@ def test_voc_palette():
     assert pal[255].tolist() == [224, 224, 192]
 
 
-def test_synth_command_and_config(tmp_path):
-    from dinokit.cli import main
+def test_synth_command_and_config(tmp_path, capsys):
+    from dinokit.cli import COMMANDS, main
+
+    assert COMMANDS["synth"] == "dinokit.data.commands:synth"
 
     out = tmp_path / "s"
     assert main(["synth", "--out", str(out), "--n-train", "3", "--n-val", "2", "--size", "32", "--seed", "4"]) == 0
@@ -133,3 +135,6 @@ def test_synth_command_and_config(tmp_path):
     assert _hashes(tmp_path / "t" / "cub") == _hashes(out / "cub")  # same seed and counts -> same bytes
     with pytest.raises(ValueError, match="unknown layout"):
         main(["synth", "--out", str(tmp_path / "u"), "--layouts", "coco"])
+    with pytest.raises(SystemExit):
+        main(["synth", "--help"])
+    assert "--n_train" in capsys.readouterr().out
