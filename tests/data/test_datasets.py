@@ -152,7 +152,8 @@ def test_coco_stuff15(tmp_path):
     assert detect_layout(tmp_path) == "coco-stuff15"
 
 
-def test_coco_things12_panoptic(tmp_path):
+def _panoptic_fixture(tmp_path):
+    """COCO panoptic layout: one image, three segments (two things, one stuff) and unlabelled pixels."""
     img_id = "000000000632"
     _img(tmp_path / "val2017" / f"{img_id}.jpg")
     cats = [{"id": k + 1, "name": f"t{k}", "supercategory": THINGS12[::-1][k % 12], "isthing": 1} for k in range(24)]
@@ -166,6 +167,11 @@ def test_coco_things12_panoptic(tmp_path):
     rgb = np.stack([seg_ids % 256, seg_ids // 256 % 256, seg_ids // 65536], -1).astype(np.uint8)
     (ann / "panoptic_val2017").mkdir()
     Image.fromarray(rgb, "RGB").save(ann / "panoptic_val2017" / f"{img_id}.png")
+    return img_id, cats, rgb, ann
+
+
+def test_coco_things12_panoptic(tmp_path):
+    img_id, cats, rgb, ann = _panoptic_fixture(tmp_path)
     ds = open_dataset(tmp_path, "val")
     assert isinstance(ds, CocoStuff) and ds.key == "coco-things12"
     assert list(ds.class_names) == THINGS12
@@ -321,3 +327,50 @@ def test_open_dataset_keys_and_transform(voc_root):
     assert isinstance(ds, VOCSegmentation) and ds[0]["seen"]
     with pytest.raises(FileNotFoundError, match="does not exist"):
         open_dataset(voc_root / "nowhere", "val")
+
+
+def test_prepare_coco_things12(tmp_path):
+    from dinokit.data.datasets import prepare_coco_things12
+
+    _panoptic_fixture(tmp_path)
+    direct = CocoStuff(tmp_path, "val", "things12")
+    expected = direct[0]["mask"]
+    out = prepare_coco_things12(tmp_path, "val")
+    assert out == tmp_path / "annotations" / "things12_val2017" and (out / "class_names.txt").is_file()
+    prepared = CocoStuff(tmp_path, "val", "things12")
+    assert prepared.mask_dir == out and prepared.class_names == direct.class_names
+    assert (prepared[0]["mask"] == expected).all()
+    with pytest.raises(FileExistsError, match="overwrite"):
+        prepare_coco_things12(tmp_path, "val")
+    assert prepare_coco_things12(tmp_path, "val", overwrite=True) == out
+    from dinokit.data.commands import prepare
+
+    assert prepare("coco-things12", tmp_path, "val", overwrite=True) == 0
+    with pytest.raises(ValueError, match="only coco-things12"):
+        prepare("voc", tmp_path)
+
+
+def test_synthetic_dataset_matches_scenes():
+    from dinokit.data import synthetic
+    from dinokit.data.datasets import SyntheticDataset
+
+    for fine in (False, True):
+        ds = SyntheticDataset(4, (24, 32), seed=3, fine_grained=fine, start=2)
+        assert len(ds) == 4 and ds.num_classes == synthetic.num_seg_classes(fine)
+        for k in range(4):
+            sc, item = synthetic.render_scene(3, 2 + k, (24, 32), fine), ds[k]
+            assert item["id"] == sc.image_id == ds.ids[k]
+            assert (np.asarray(item["image"]) == sc.image).all() and (item["mask"] == sc.mask).all()
+            assert item["label"] == sc.label and np.array_equal(item["boxes"], sc.boxes)
+            for box, lab in zip(item["boxes"].astype(int), item["box_labels"]):
+                x, y, w, h = box
+                assert (item["mask"][y:y + h, x:x + w] == lab).any()
+    assert collate([ds[0], ds[1]])["mask"].shape == (2, 24, 32)
+
+
+def test_open_dataset_synthetic_names():
+    tr, va = open_dataset("synthetic", "train", n=3, size=(24, 24), seed=1), open_dataset("synthetic", "val", n=3,
+                                                                                          size=(24, 24), seed=1)
+    assert tr.ids == ["syn_1_000000", "syn_1_000001", "syn_1_000002"] and va.ids[0] == "syn_1_000003"
+    fine = open_dataset("synthetic-fine", "val", n=2, size=(24, 24))
+    assert fine.num_classes == 3 and fine[0]["id"].startswith("fine_0_")

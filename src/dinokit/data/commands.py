@@ -39,3 +39,26 @@ def synth(out: Path = Path("synthetic"), n_train: int = 64, n_val: int = 64, siz
     atomic_write_text(out / "summary.json", summary_json(summaries))
     print(f"summary: {out / 'summary.json'}")
     return 0
+
+
+def prepare(dataset: str = "coco-things12", root: Path = Path("coco"), split: str = "train", overwrite: bool = False,
+            seed: int = 0) -> int:
+    """Convert a dataset's annotations once into the form its loader reads fastest.
+
+    ``coco-things12``: panoptic PNGs -> ``annotations/things12_<split>2017/`` class maps (see
+    ``dinokit.data.datasets.prepare_coco_things12``).
+
+    Args:
+        dataset: dataset key; only coco-things12 needs preparing.
+        root: dataset root (the COCO folder with annotations/).
+        split: train or val.
+        overwrite: rebuild an existing prepared folder.
+        seed: unused (every command takes a seed); the conversion is deterministic.
+    """
+    from .datasets import prepare_coco_things12
+
+    if dataset != "coco-things12":
+        raise ValueError(f"dataset {dataset!r} needs no preparation; only coco-things12 does")
+    out = prepare_coco_things12(root, split, overwrite=overwrite)
+    print(f"wrote {out}")
+    return 0

@@ -307,11 +307,12 @@ def _coco_supercategories(categories: list[dict], keep: Callable[[dict], bool]) 
 class CocoStuff(BaseDataset):
     """COCO-Stuff-15 (``variant="stuff15"``) or COCO-Things-12 (``variant="things12"``) semantic segmentation.
 
-    Split ``train`` or ``val`` (2017). See the module docstring for the files read.
+    Split ``train`` or ``val`` (2017). See the module docstring for the files read. ``things12`` reads the class
+    maps written by :func:`prepare_coco_things12` when they exist (unless ``prefer_prepared=False``).
     """
 
     def __init__(self, root: str | os.PathLike, split: str = "val", variant: str = "stuff15",
-                 transform: Callable | None = None, min_size: int = 1):
+                 transform: Callable | None = None, min_size: int = 1, prefer_prepared: bool = True):
         super().__init__(transform, min_size)
         if variant not in ("stuff15", "things12"):
             raise ValueError(f"CocoStuff variant must be 'stuff15' or 'things12', got {variant!r}")
@@ -336,7 +337,12 @@ class CocoStuff(BaseDataset):
         else:
             pan_json = ann / f"panoptic_{split}2017.json"
             pan_dir = ann / f"panoptic_{split}2017"
-            if pan_dir.is_dir() and pan_json.is_file():
+            prepared = ann / f"things12_{split}2017"
+            if prefer_prepared and (prepared / "class_names.txt").is_file():  # written once by prepare_coco_things12
+                names = _read_list(prepared / "class_names.txt")
+                cat_map = {k: k for k in range(len(names))}
+                mask_dir, offset = prepared, 0
+            elif pan_dir.is_dir() and pan_json.is_file():
                 data = json.loads(pan_json.read_text())
                 names, cat_map = _coco_supercategories(data["categories"], _is_thing)
                 self._panoptic = {}
@@ -358,6 +364,8 @@ class CocoStuff(BaseDataset):
         lut = np.full(256, 255, np.int64) if offset == 1 else np.full(256, -1, np.int64)
         if offset == 0 and variant == "stuff15":
             lut[0], lut[183] = 255, 255
+        if mask_dir.name.startswith("things12_"):
+            lut[255] = 255
         for cid, k in cat_map.items():
             if 0 <= cid - offset < 256:
                 lut[cid - offset] = k
@@ -403,6 +411,28 @@ class CocoStuff(BaseDataset):
             if v != 0:
                 out[seg_id == v] = seg[int(v)]
         return out
+
+
+def prepare_coco_things12(root: str | os.PathLike, split: str = "train", overwrite: bool = False) -> Path:
+    """Convert COCO panoptic PNGs to COCO-Things-12 class maps once (``annotations/things12_<split>2017/``).
+
+    Each output PNG holds the supercategory index 0..11 of thing pixels and 255 elsewhere; ``class_names.txt``
+    records the class order. :class:`CocoStuff` (``things12``) reads this folder when it exists. Atomic.
+    """
+    from .layouts import atomic_dir
+
+    out = Path(root) / "annotations" / f"things12_{split}2017"
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass overwrite=True to rebuild it")
+    src = CocoStuff(root, split, "things12", prefer_prepared=False)
+    if src._panoptic is None:
+        raise FileNotFoundError(f"prepare_coco_things12 needs the panoptic annotations "
+                                f"(annotations/panoptic_{split}2017.json and annotations/panoptic_{split}2017/)")
+    with atomic_dir(out, overwrite) as tmp:
+        for rec in src.records:
+            Image.fromarray(src.load_mask(rec).astype(np.uint8), "L").save(tmp / f"{rec.id}.png")
+        (tmp / "class_names.txt").write_text("".join(f"{n}\n" for n in src.class_names))
+    return out
 
 
 # -------------------------------------------------------------------------------------------- ADE20K
@@ -625,6 +655,43 @@ class ImageFolder(BaseDataset):
         return list(self.bad_files)
 
 
+# ----------------------------------------------------------------------------------------- synthetic
+
+
+class SyntheticDataset(BaseDataset):
+    """The synthetic benchmark rendered in memory, with the common item format (no files involved).
+
+    Scene ``i`` is ``render_scene(seed, start + i, size, fine_grained)``. Coarse: masks of 7 classes (background +
+    shapes), ``label`` = shape class of the largest object; fine-grained: masks {background, main, distractor},
+    ``label`` = mark class. ``boxes`` are the instance boxes, ``box_labels`` their semantic mask classes.
+    """
+
+    key = "synthetic"
+
+    def __init__(self, n: int, size: tuple[int, int] = (96, 96), seed: int = 0, fine_grained: bool = False,
+                 start: int = 0, transform: Callable | None = None):
+        from . import layouts, synthetic
+
+        super().__init__(transform)
+        self.scenes = synthetic.SyntheticScenes(start + n, tuple(size), seed, fine_grained)
+        self.start, self.fine_grained = start, fine_grained
+        self.class_names = layouts.class_names(fine_grained)
+        self.num_classes = len(self.class_names)
+        self.image_class_names = layouts.image_class_names(fine_grained)
+        prefix = "fine" if fine_grained else "syn"  # the id format of render_scene (checked in the tests)
+        self.records = [Record(id=f"{prefix}_{seed}_{start + i:06d}", image=Path()) for i in range(n)]
+
+    def __getitem__(self, i: int) -> Item:
+        if not 0 <= i < len(self.records):
+            raise IndexError(i)
+        sc = self.scenes[self.start + i]
+        box_labels = (sc.instance_labels + 1 if not self.fine_grained
+                      else np.asarray([1] + [2] * (len(sc.boxes) - 1), np.int64))
+        item: Item = {"image": Image.fromarray(sc.image, "RGB"), "mask": sc.mask.astype(np.int64), "id": sc.image_id,
+                      "label": sc.label, "boxes": sc.boxes, "box_labels": box_labels}
+        return self.transform(item) if self.transform is not None else item
+
+
 # ------------------------------------------------------------------------------------------ dispatch
 
 DATASETS: dict[str, Callable[..., BaseDataset]] = {
@@ -668,8 +735,17 @@ def open_dataset(path_or_name: str | os.PathLike, split: str = "val", **kwargs) 
 
     Keys: ``voc``, ``coco-stuff15``, ``coco-things12``, ``ade20k``, ``ade20k-full``, ``cityscapes``, ``cub``,
     ``folder``. ``kwargs`` go to the dataset class (e.g. ``split_mode="dinov2"`` for CUB, ``transform=``).
+    The names ``synthetic`` / ``synthetic-fine`` give an in-memory :class:`SyntheticDataset` (kwargs ``n`` = 64
+    per split, ``size`` = (96, 96), ``seed`` = 0; ``train`` = scenes 0..n-1, ``val``/``test`` = the next n).
     """
     s = str(path_or_name)
+    if s in ("synthetic", "synthetic-fine"):
+        n = int(kwargs.pop("n", 64))
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"synthetic split must be 'train', 'val' or 'test', got {split!r}")
+        start = 0 if split == "train" else n  # as write_voc_layout: train = scenes 0..n-1, val = the next n
+        return SyntheticDataset(n, kwargs.pop("size", (96, 96)), kwargs.pop("seed", 0), s == "synthetic-fine",
+                                start=start, **kwargs)
     key, sep, rest = s.partition(":")
     if sep and key in DATASETS:
         root = Path(rest)
