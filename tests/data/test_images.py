@@ -163,3 +163,20 @@ def test_list_images_sorted_recursive(tmp_path):
     assert got == ["a/1.jpg", "a/sub/0.jpeg", "b/2.PNG", "z.webp"]
     with pytest.raises(FileNotFoundError, match="does not exist"):
         list_images(tmp_path / "nope")
+
+
+def test_32bit_and_float_tiff(tmp_path):
+    Image.fromarray(np.array([[0.0, 0.5, 1.0]], np.float32), "F").save(tmp_path / "f.tif")
+    assert np.asarray(load_rgb(tmp_path / "f.tif"))[0, :, 0].tolist() == [0, 128, 255]  # [0, 1] floats x 255
+    Image.fromarray(np.array([[0, 65535]], np.int32), "I").save(tmp_path / "i16.tif")
+    assert np.asarray(load_rgb(tmp_path / "i16.tif"))[0, :, 0].tolist() == [0, 255]
+    Image.fromarray(np.full((4, 4), 70000, np.int32), "I").save(tmp_path / "i32.tif")
+    with pytest.raises(BadImageError, match="8-bit RGB.*not 16-bit"):  # beyond 16 bits: refused, not clipped
+        load_rgb(tmp_path / "i32.tif")
+
+
+def test_list_images_survives_symlink_cycle(tmp_path):
+    (tmp_path / "d").mkdir()
+    Image.new("RGB", (2, 2)).save(tmp_path / "d" / "x.png")
+    (tmp_path / "d" / "loop").symlink_to(tmp_path / "d")
+    assert [p.name for p in list_images(tmp_path / "d")] == ["x.png"]

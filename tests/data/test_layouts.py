@@ -138,3 +138,22 @@ def test_synth_command_and_config(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["synth", "--help"])
     assert "--n_train" in capsys.readouterr().out
+
+
+def test_dataloader_workers_match_single_process(tmp_path):
+    import torch
+
+    from dinokit.data.transforms import SegTransform, collate
+
+    layouts.write_voc_layout(tmp_path / "v", 6, 2, (32, 40), seed=1)
+    ds = VOCSegmentation(tmp_path / "v", "train", transform=SegTransform(resize=24, crop=24))
+
+    def batches(workers):
+        dl = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=workers, collate_fn=collate)
+        return [(b["id"], b["image"], b["mask"]) for b in dl]
+
+    single, multi = batches(0), batches(2)
+    assert len(single) == 2
+    for (i0, x0, m0), (i1, x1, m1) in zip(single, multi):
+        assert i0 == i1 and torch.equal(x0, x1) and torch.equal(m0, m1)
+        assert x0.shape == (4, 24, 24, 3) or x0.shape == (2, 24, 24, 3)

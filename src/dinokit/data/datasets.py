@@ -185,10 +185,10 @@ class BaseDataset(Dataset):
                              f"{rec.image} is {image.width}x{image.height}; they must have the same size")
         if rec.label is not None:
             item["label"] = rec.label
-        if rec.boxes is not None:
-            item["boxes"] = rec.boxes
+        if rec.boxes is not None:  # copies: a transform or caller may modify them in place
+            item["boxes"] = rec.boxes.copy()
             if rec.box_labels is not None:
-                item["box_labels"] = rec.box_labels
+                item["box_labels"] = rec.box_labels.copy()
         return self.transform(item) if self.transform is not None else item
 
     def _check_files(self) -> None:

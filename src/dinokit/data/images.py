@@ -98,9 +98,14 @@ def load_rgb(path: str | os.PathLike, min_size: int = 1) -> Image.Image:
                 im2 = ImageOps.exif_transpose(im)
             except Exception:  # noqa: BLE001 - a broken EXIF block must not lose the pixels
                 im2 = im
-            rgb = to_rgb(im2)
+            try:
+                rgb = to_rgb(im2)
+            except ValueError as err:
+                raise BadImageError(p, f"cannot convert to 8-bit RGB: {err}") from err
             if rgb is im:
                 rgb = im.copy()
+    except BadImageError:
+        raise
     except UnidentifiedImageError as err:
         raise BadImageError(p, "not an image (Pillow cannot identify the format)") from err
     except Image.DecompressionBombError as err:
@@ -124,7 +129,7 @@ def check_image(path: str | os.PathLike, min_size: int = 1) -> str | None:
 
 
 def list_images(root: str | os.PathLike, extensions: Iterable[str] = IMAGE_EXTENSIONS) -> list[Path]:
-    """All image files under ``root`` (recursive, following symlinks), sorted by relative POSIX path.
+    """All image files under ``root`` (recursive, following symlinks but not cycles), sorted by relative POSIX path.
 
     Extensions are matched case-insensitively; hidden files and folders (starting with ``.``) are skipped.
     """
@@ -133,7 +138,13 @@ def list_images(root: str | os.PathLike, extensions: Iterable[str] = IMAGE_EXTEN
         raise FileNotFoundError(f"image folder {root} does not exist or is not a directory")
     exts = {e.lower() if e.startswith(".") else "." + e.lower() for e in extensions}
     out: list[Path] = []
+    seen: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a symlink cycle: do not descend again
+            dirnames[:] = []
+            continue
+        seen.add(real)
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         for f in filenames:
             if not f.startswith(".") and os.path.splitext(f)[1].lower() in exts:
