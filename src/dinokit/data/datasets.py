@@ -364,13 +364,10 @@ class CocoStuff(BaseDataset):
         lut = np.full(256, 255, np.int64) if offset == 1 else np.full(256, -1, np.int64)
         if offset == 0 and variant == "stuff15":
             lut[0], lut[183] = 255, 255
-        if mask_dir.name.startswith("things12_"):
-            lut[255] = 255
         for cid, k in cat_map.items():
-            if 0 <= cid - offset < 256:
+            if 0 <= cid - offset < 255:
                 lut[cid - offset] = k
-        if offset == 1:
-            lut[255] = 255
+        lut[255] = 255  # unlabelled / ignore in every COCO map
         self._coco_lut = lut
         masks = sorted(mask_dir.glob("*.png"))
         if self._panoptic is not None:
@@ -398,8 +395,11 @@ class CocoStuff(BaseDataset):
     def load_mask(self, rec: Record) -> np.ndarray:
         if self._panoptic is None:
             return super().load_mask(rec)
-        with Image.open(rec.mask) as im:
-            rgb = np.asarray(im.convert("RGB")).astype(np.int64)
+        try:
+            with Image.open(rec.mask) as im:
+                rgb = np.asarray(im.convert("RGB")).astype(np.int64)
+        except (OSError, SyntaxError) as err:
+            raise BadImageError(rec.mask, f"unreadable panoptic PNG ({err})") from err
         seg_id = rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
         seg = self._panoptic[rec.id]
         ids = np.unique(seg_id)
