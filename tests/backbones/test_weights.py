@@ -256,6 +256,16 @@ def test_hf_cache_hit_is_loaded_without_network(no_network, tmp_path):
     assert info["repo_id"] == "timm/vit_small_patch16_224.dino" and info["tag"] == "dino"
     assert bb.model.patch_embed.grid_size == (4, 4)  # img_size from the stored table
     same_features(src, bb, torch.randn(1, 3, 48, 80))
+    by_tag = load_backbone("vit_small_patch16_224", weights="dino", cache_dir=str(no_network), offline=True,
+                           model_kwargs=KW)
+    assert by_tag.tag == "dino" and by_tag.weights_info["source"] == "hf-cache"
+
+
+def test_tag_string_sets_normalisation(no_network):
+    with pytest.raises(WeightsUnavailableError, match=r"timm vit_large_patch16_dinov3_qkvb\.sat493m"):
+        load_backbone("dinov3_vitl16", weights="sat493m", cache_dir=str(no_network), offline=True)
+    with pytest.raises(ValueError, match="no pretrained tag 'nope'"):
+        load_backbone("dinov3_vitl16", weights="nope", cache_dir=str(no_network), offline=True)
 
 
 def test_torch_hub_cache_hit(no_network, tmp_path):

@@ -396,6 +396,8 @@ def load_backbone(name: str | None = None, weights: str = "pretrained", *, tag: 
             tag = meta["tag"]
         if model_kwargs is None and meta.get("model_kwargs"):
             model_kwargs = json.loads(meta["model_kwargs"]) or None
+    if isinstance(weights, str) and weights not in ("pretrained", "random") and not W.is_file(weights):
+        tag = weights  # weights given as a tag string
     name, spec = resolve_name(name, tag)
     if spec.random_only and weights != "random" and not W.is_file(weights):
         raise ValueError(f"{name!r} is a test-only architecture without published weights; "

@@ -468,9 +468,16 @@ def _summarise(keys: list[str]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------- resolution
+def _pretrained_cfg(arch: str, tag: str):
+    try:
+        return timm.models.get_pretrained_cfg(f"{arch}.{tag}")
+    except RuntimeError:  # timm raises on an unknown tag
+        return None
+
+
 def hf_repo_id(spec: ModelSpec, tag: str) -> str:
     """``timm/<arch>.<tag>`` (timm's ``hf_hub_id`` of the tag)."""
-    cfg = timm.models.get_pretrained_cfg(f"{spec.arch}.{tag}")
+    cfg = _pretrained_cfg(spec.arch, tag)
     if cfg is None:
         known = [n.partition(".")[2] for n in timm.list_pretrained(f"{spec.arch}.*")]
         raise ValueError(f"{spec.arch} has no pretrained tag {tag!r}; known tags: {', '.join(known) or 'none'}")
@@ -483,7 +490,7 @@ def hf_repo_id(spec: ModelSpec, tag: str) -> str:
 def torch_hub_file(name: str, spec: ModelSpec, tag: str) -> Path:
     """``<torch hub dir>/checkpoints/<basename of the official URL>`` (DINOv3: the ``-*`` hashed name pattern)."""
     d = Path(torch.hub.get_dir()) / "checkpoints"
-    cfg = timm.models.get_pretrained_cfg(f"{spec.arch}.{tag}")
+    cfg = _pretrained_cfg(spec.arch, tag)
     url = getattr(cfg, "url", None) if cfg is not None else None
     if url:
         return d / url.rsplit("/", 1)[-1]
@@ -500,7 +507,7 @@ def _hf_cache_dir(cache_dir: str | None) -> str:
 
 def _unavailable(name: str, spec: ModelSpec, tag: str, repo: str, cache: str, hub_file: Path, why: str) -> str:
     url = None
-    cfg = timm.models.get_pretrained_cfg(f"{spec.arch}.{tag}")
+    cfg = _pretrained_cfg(spec.arch, tag)
     if cfg is not None and getattr(cfg, "url", None):
         url = cfg.url
     official = (f" (official URL: {url})" if url else
