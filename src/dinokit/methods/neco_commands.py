@@ -26,7 +26,7 @@ def _define_module():
     class NeCoModule(L.LightningModule):
         """Lightning wrapper of :class:`~dinokit.methods.neco.NeCo`.
 
-        Per optimiser step t (``global_step``): lr(t) cosine ``lr -> final_lr`` per group, weight decay cosine
+        Per optimiser step t (``steps_taken``: real steps so far): lr(t) cosine ``lr -> final_lr`` per group, weight decay cosine
         ``weight_decay -> weight_decay_end`` on the decay groups, then the teacher EMA with the pre-step student
         (``on_before_optimizer_step``: once per real step, never for skipped steps or micro-batches). A non-finite
         loss on any rank skips the step on every rank (no backward, step, EMA or queue push); 50 in a row stop the
@@ -48,6 +48,8 @@ def _define_module():
             self.last_finite_loss = float("nan")
             self.last_momentum = float("nan")
             self.inject_nan = False  # tests: force the next loss to NaN
+            self.steps_taken = 0  # optimiser steps actually taken (drives lr, weight decay and EMA)
+            self._finite = True
 
         def configure_optimizers(self):
             groups = param_groups(self.neco.student, self.neco.student_head, self.lr_backbone, self.lr_head,
@@ -66,16 +68,17 @@ def _define_module():
             if self.inject_nan:
                 loss = loss * float("nan")
                 self.inject_nan = False
-            if not self._all_finite(loss):
+            self._finite = self._all_finite(loss)
+            if not self._finite:
                 self.skipped += 1
                 self.consecutive_skips += 1
-                lr = self.lr_at(self.global_step)
+                lr = self.lr_at(self.steps_taken)
                 log.warning("neco: non-finite loss at step %d (lr %.3g, last finite loss %.6g): step skipped "
-                            "(%d skipped so far)", self.global_step, lr, self.last_finite_loss, self.skipped)
+                            "(%d skipped so far)", self.steps_taken, lr, self.last_finite_loss, self.skipped)
                 self.log("train/skipped_nonfinite", float(self.skipped), batch_size=batch["crops"][0].shape[0])
                 if self.consecutive_skips >= self.max_consecutive_skips:
                     raise RuntimeError(f"neco: {self.consecutive_skips} consecutive non-finite losses; stopped at "
-                                       f"step {self.global_step} (lr {lr:.3g}, last finite loss "
+                                       f"step {self.steps_taken} (lr {lr:.3g}, last finite loss "
                                        f"{self.last_finite_loss:.6g}). Lower the learning rate or use bf16/fp32.")
                 return None
             self.consecutive_skips = 0
@@ -92,7 +95,12 @@ def _define_module():
             return cosine_schedule(t, self.total_steps, self.lr_backbone if base is None else base, self.final_lr)
 
         def on_before_optimizer_step(self, optimizer) -> None:
-            t = self.global_step
+            # Lightning calls this hook (and an optimiser step without gradients) even when training_step returned
+            # None: a skipped step changes nothing here and is not counted
+            if not self._finite:
+                return
+            t = self.steps_taken
+            self.steps_taken += 1
             wd = cosine_schedule(t, self.total_steps, self.weight_decay, self.weight_decay_end)
             for g in optimizer.param_groups:
                 g["lr"] = self.lr_at(t, g["base_lr"])
@@ -102,12 +110,13 @@ def _define_module():
 
         def on_save_checkpoint(self, checkpoint: dict) -> None:
             checkpoint["neco_meta"] = self.meta
-            checkpoint["neco_counters"] = {"skipped": self.skipped, "consecutive_skips": self.consecutive_skips,
+            checkpoint["neco_counters"] = {"steps_taken": self.steps_taken, "skipped": self.skipped, "consecutive_skips": self.consecutive_skips,
                                            "last_finite_loss": self.last_finite_loss}
 
         def on_load_checkpoint(self, checkpoint: dict) -> None:
             c = checkpoint.get("neco_counters", {})
             self.skipped = c.get("skipped", 0)
+            self.steps_taken = c.get("steps_taken", 0)
             self.consecutive_skips = c.get("consecutive_skips", 0)
             self.last_finite_loss = c.get("last_finite_loss", float("nan"))
 
@@ -284,11 +293,11 @@ def fit(out: Path = Path("runs/neco"), backbone: str = "dinov2_vits14", weights:
     if trainer.is_global_zero:
         export_path = out / "student.safetensors"
         export_backbone(neco.student, export_path, config=config)
-        summary = {"steps": int(trainer.global_step), "total_steps": total, "skipped_nonfinite": module.skipped,
+        summary = {"steps": module.steps_taken, "lightning_global_step": int(trainer.global_step), "total_steps": total, "skipped_nonfinite": module.skipped,
                    "last_loss": module.last_finite_loss, "export": str(export_path),
                    "meta": run_metadata(config, "neco/fit", bb.weights_info)}
         atomic_write_text(out / "fit.json", json.dumps(summary, indent=1, default=str))
-        log.info("neco fit: %d steps, last loss %.5f, student exported to %s", trainer.global_step,
+        log.info("neco fit: %d steps, last loss %.5f, student exported to %s", module.steps_taken,
                  module.last_finite_loss, export_path)
     return 0
 
