@@ -26,11 +26,11 @@ def _define_module():
     class NeCoModule(L.LightningModule):
         """Lightning wrapper of :class:`~dinokit.methods.neco.NeCo`.
 
-        Per optimiser step t (``steps_taken``: real steps so far): lr(t) cosine ``lr -> final_lr`` per group, weight decay cosine
-        ``weight_decay -> weight_decay_end`` on the decay groups, then the teacher EMA with the pre-step student
-        (``on_before_optimizer_step``: once per real step, never for skipped steps or micro-batches). A non-finite
-        loss on any rank skips the step on every rank (no backward, step, EMA or queue push); 50 in a row stop the
-        run with an error.
+        Per optimiser step t (``steps_taken``: real steps so far): lr(t) cosine ``lr -> final_lr`` per group,
+        weight decay cosine ``weight_decay -> weight_decay_end`` on the decay groups, then the teacher EMA with the
+        pre-step student (``on_before_optimizer_step``: once per real step, never for skipped steps or
+        micro-batches). A non-finite loss on any rank skips the step on every rank (no backward, step, EMA or queue
+        push); 50 in a row stop the run with an error.
         """
 
         def __init__(self, neco: NeCo, lr_backbone: float = 1e-5, lr_head: float = 1e-4, final_lr: float = 0.0,
@@ -110,7 +110,8 @@ def _define_module():
 
         def on_save_checkpoint(self, checkpoint: dict) -> None:
             checkpoint["neco_meta"] = self.meta
-            checkpoint["neco_counters"] = {"steps_taken": self.steps_taken, "skipped": self.skipped, "consecutive_skips": self.consecutive_skips,
+            checkpoint["neco_counters"] = {"steps_taken": self.steps_taken, "skipped": self.skipped,
+                                           "consecutive_skips": self.consecutive_skips,
                                            "last_finite_loss": self.last_finite_loss}
 
         def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -179,9 +180,9 @@ def fit(out: Path = Path("runs/neco"), backbone: str = "dinov2_vits14", weights:
         teacher_head_init: str = "random", use_teacher: bool = True, roi_size: int = 7,
         student_steepness: float = 100.0, teacher_steepness: float = 100.0, sort_net: str = "bitonic",
         sim: str = "cosine", reference_source: str = "queue", queue_length: int = 8192, loss_mask: str = "all",
-        momentum_start: float = 0.9995, momentum_end: float = 1.0, accelerator: str = "auto", devices: int | str = "auto",
-        num_nodes: int = 1, strategy: str = "auto", precision: str | None = None, resume: Path | None = None,
-        checkpoint_every: int = 0, seed: int = 400) -> int:
+        momentum_start: float = 0.9995, momentum_end: float = 1.0, accelerator: str = "auto",
+        devices: int | str = "auto", num_nodes: int = 1, strategy: str = "auto", precision: str | None = None,
+        resume: Path | None = None, checkpoint_every: int = 0, seed: int = 400) -> int:
     """NeCo dense post-training of a backbone (spec neco.md); writes checkpoints, the student export and a summary.
 
     Args:
@@ -293,7 +294,8 @@ def fit(out: Path = Path("runs/neco"), backbone: str = "dinov2_vits14", weights:
     if trainer.is_global_zero:
         export_path = out / "student.safetensors"
         export_backbone(neco.student, export_path, config=config)
-        summary = {"steps": module.steps_taken, "lightning_global_step": int(trainer.global_step), "total_steps": total, "skipped_nonfinite": module.skipped,
+        summary = {"steps": module.steps_taken, "lightning_global_step": int(trainer.global_step),
+                   "total_steps": total, "skipped_nonfinite": module.skipped,
                    "last_loss": module.last_finite_loss, "export": str(export_path),
                    "meta": run_metadata(config, "neco/fit", bb.weights_info)}
         atomic_write_text(out / "fit.json", json.dumps(summary, indent=1, default=str))
