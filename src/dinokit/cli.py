@@ -16,6 +16,7 @@ from collections.abc import Callable
 COMMANDS: dict[str, object] = {
     "demo": "dinokit.demo:demo",
     "synth": "dinokit.data.commands:synth",
+    "data": {"prepare": "dinokit.data.commands:prepare"},
     "features": "dinokit.backbones.commands:features",
     "attention": "dinokit.backbones.commands:attention",
     "eval": {
@@ -31,7 +32,8 @@ COMMANDS: dict[str, object] = {
         "apply": "dinokit.methods.rasa_commands:apply",
     },
     "boxes": "dinokit.data.crops_commands:boxes",
-    "crops": {"maiou-curve": "dinokit.data.crops_commands:maiou_curve"},
+    "crops": {"maiou-curve": "dinokit.data.crops_commands:maiou_curve",
+              "density-cache": "dinokit.data.crops_commands:density_cache"},
     "classify": {"fit": "dinokit.methods.classifier_commands:fit"},
     "bt": {"fit": "dinokit.methods.barlow_twins_commands:fit"},
     "seg": {"fit": "dinokit.methods.seg_heads_commands:fit"},
