@@ -343,6 +343,24 @@ def test_unknown_pickle_class_needs_trust(tmp_path):
     assert torch.equal(bb.model.pos_embed, src.model.pos_embed)
 
 
+def test_lightning_checkpoint_loads_without_trust(tmp_path):
+    src = load_backbone("tiny_dino", weights="random").eval()
+    path = tmp_path / "last.ckpt"  # Lightning stores hyper-parameters as a plain dict
+    torch.save({"state_dict": _prefixed(src.model.state_dict(), "model."), "epoch": 2, "global_step": 10,
+                "hyper_parameters": {"lr": 0.1, "args": argparse.Namespace(x=1)}, "hparams_name": "kwargs"}, path)
+    bb = load_backbone("tiny_dino", weights=str(path), which="student").eval()
+    same_features(src, bb, torch.randn(1, 3, 32, 48))
+
+
+def test_unrebuildable_objects_need_trust(tmp_path):
+    import collections
+
+    path = tmp_path / "sub.pth"
+    torch.save({"model": collections.UserDict(a=1), "x": torch.zeros(1)}, path)
+    with pytest.raises(CheckpointReadError, match="sub.pth.*trust_checkpoint=True"):
+        load_backbone("tiny_dino", weights=str(path))
+
+
 @pytest.mark.parametrize("content", [b"", b"this is not a checkpoint", "truncated"])
 def test_unreadable_files_are_named(content, tmp_path):
     path = tmp_path / "bad.pth"

@@ -314,7 +314,7 @@ class Backbone(nn.Module):
         try:
             attn.fused_attn = False
             with torch.autocast(device_type=x.device.type, enabled=False):
-                self.model.forward_features(x.float() if x.dtype != torch.float32 else x)
+                self.model.forward_features(x.to(next(self.model.parameters()).dtype))
         except _StopForward:
             pass
         finally:

@@ -35,12 +35,9 @@ DINOKIT_FORMAT = "1"
 # heads of DINO / iBOT / NeCo / RASA training checkpoints: never part of a backbone
 HEAD_PREFIXES = ("dino_head.", "ibot_head.", "projection_head.", "rasa_head.")
 # pickled classes allowed under weights_only=True: plain containers found in published checkpoints
-_LAZY_SAFE_GLOBALS = (
-    "lightning.fabric.utilities.data.AttributeDict",
-    "lightning.pytorch.utilities.parsing.AttributeDict",
-    "pytorch_lightning.utilities.parsing.AttributeDict",
-    "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar", "numpy.dtype",
-)
+# (argparse.Namespace of DINO v1 full checkpoints is always allowed; Lightning stores hyper-parameters as a plain
+# dict, which needs nothing. Dict subclasses such as an old AttributeDict cannot be rebuilt under weights_only.)
+_LAZY_SAFE_GLOBALS = ("numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar", "numpy.dtype")
 
 
 class WeightsUnavailableError(FileNotFoundError):
@@ -163,6 +160,11 @@ def read_file(path: str | Path, trust_checkpoint: bool = False) -> tuple[Any, di
                     continue
                 except (ImportError, AttributeError):
                     pass
+            if cls is None and "WeightsUnpickler error" in str(e):
+                detail = str(e).split("WeightsUnpickler error:", 1)[1].strip().split("\n")[0]
+                raise CheckpointReadError(
+                    f"{path} holds pickled objects that weights_only loading cannot rebuild ({detail}); if you trust "
+                    "this file, pass trust_checkpoint=True (weights_only=False, which can run arbitrary code)") from e
             if cls is None:
                 raise CheckpointReadError(f"could not read {path} as a torch checkpoint ({e}); the file may be "
                                           "truncated or not a checkpoint") from e
