@@ -155,12 +155,15 @@ def build_dataset(data: str, views, seed: int, synthetic_images: int = 256, synt
 
 
 def build_neco(backbone: str, weights: str, cfg, drop_path_rate: float, pos_interp: str, size_policy: str,
-               world_size: int = 1, rank: int = 0, seed: int = 0, model_kwargs: dict | None = None):
+               world_size: int = 1, rank: int = 0, seed: int = 0, model_kwargs: dict | None = None,
+               drop_registers: bool = False):
     """Student (drop-path ``drop_path_rate``) + teacher (drop-path 0, same weights) + heads."""
     from ..backbones import load_backbone
     from .neco import NeCo
 
     kw = dict(pos_interp=pos_interp, size_policy=size_policy, model_kwargs=model_kwargs)
+    if drop_registers:
+        kw["drop_registers"] = True
     student = load_backbone(backbone, weights=weights, drop_path_rate=drop_path_rate, **kw)
     teacher = load_backbone(backbone, weights=weights, drop_path_rate=0.0, **kw) if cfg.use_teacher else None
     return NeCo(student, teacher, cfg, world_size=world_size, rank=rank, seed=seed)
@@ -168,6 +171,7 @@ def build_neco(backbone: str, weights: str, cfg, drop_path_rate: float, pos_inte
 
 # ------------------------------------------------------------------------------------------- commands
 def fit(out: Path = Path("runs/neco"), backbone: str = "dinov2_vits14", weights: str = "pretrained",
+        drop_registers: bool = False,
         data: str = "synthetic", synthetic_images: int = 256, synthetic_size: int = 96,
         epochs: int = 25, max_steps: int = -1, batch_size: int = 64, num_workers: int = 4,
         lr_backbone: float = 1e-5, lr_head: float = 1e-4, final_lr: float = 0.0, lr_scaling: str = "none",
@@ -189,6 +193,7 @@ def fit(out: Path = Path("runs/neco"), backbone: str = "dinov2_vits14", weights:
         out: run folder (checkpoints/, student.safetensors, fit.json).
         backbone: dinokit backbone name (e.g. dinov2_vits14, dinov2_vits14_reg, dino_vits16, demo_vit).
         weights: "pretrained", a tag, a local weights file or "random" (for tiny test models).
+        drop_registers: drop register tokens of a reg checkpoint loaded into a non-register model (NeCo "XR").
         data: "synthetic" (in-memory synthetic scenes), an image folder or a dataset root / "key:path".
         synthetic_images: number of synthetic scenes when data is "synthetic".
         synthetic_size: side of the synthetic scenes in pixels.
@@ -272,7 +277,8 @@ def fit(out: Path = Path("runs/neco"), backbone: str = "dinov2_vits14", weights:
                             every_n_train_steps=checkpoint_every or None)],
                         use_distributed_sampler=True, log_every_n_steps=1, enable_progress_bar=False)
     world, rank = trainer.world_size, trainer.global_rank
-    neco = build_neco(backbone, weights, cfg, drop_path_rate, pos_interp, size_policy, world, rank, seed)
+    neco = build_neco(backbone, weights, cfg, drop_path_rate, pos_interp, size_policy, world, rank, seed,
+                      drop_registers=drop_registers)
     bb = neco.student
     views = NeCoViews(tuple(crops), tuple(sizes), tuple(scale_min), tuple(scale_max), min_intersection=min_intersection,
                       jitter_strength=jitter_strength, blur_strength=blur_strength, max_resample=max_resample,
