@@ -255,7 +255,8 @@ def _as_uint8_chw(image) -> torch.Tensor:
     arr = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
         raise ValueError(f"expected an RGB uint8 image (H, W, 3), got {arr.dtype} {arr.shape}")
-    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
+    arr = np.ascontiguousarray(arr)
+    return torch.from_numpy(arr if arr.flags.writeable else arr.copy()).permute(2, 0, 1)
 
 
 def image_hw(image) -> tuple[int, int]:
