@@ -144,7 +144,7 @@ def linear_probe(train_feats: torch.Tensor | np.ndarray, train_masks: MaskLike, 
                  epochs: int = 25, iterations: int = 40_000, batch_size: int | None = None, eval_size: int | None = 100,
                  ignore_index: int | None = 255, seed: int = 400, hflip: bool = False, warmup: int = 1500,
                  device: str | torch.device = "cpu", class_names: Sequence[str] | None = None,
-                 eval_every_epoch: bool = True) -> LinearProbeResult:
+                 eval_every: int = 1) -> LinearProbeResult:
     """Train one linear head per learning rate on frozen features and evaluate them on the val split.
 
     Args:
@@ -155,6 +155,7 @@ def linear_probe(train_feats: torch.Tensor | np.ndarray, train_masks: MaskLike, 
         lrs: learning rates trained together (default: the protocol's single lr).
         eval_size: ``fast100`` logits/GT side (100); None evaluates at the label resolution.
         hflip: paired horizontal flip of feature and label maps (p 0.5) during training.
+        eval_every: evaluate every n epochs for the curves (0: only after the last epoch).
     Returns:
         :class:`LinearProbeResult`.
     """
@@ -214,7 +215,7 @@ def linear_probe(train_feats: torch.Tensor | np.ndarray, train_masks: MaskLike, 
             step += 1
             nb += 1
         last = ep == epochs - 1
-        if eval_every_epoch or last:
+        if last or (eval_every > 0 and (ep + 1) % eval_every == 0):
             cms = _eval_heads(heads, va, vm, num_classes, eval_size if not full else None, ignore_index, 64, device)
             for t, cm, li in zip(tokens, cms, range(len(lrs)), strict=True):
                 curves[t]["train_loss"].append(float(losses[li] / max(1, nb)))

@@ -52,7 +52,7 @@ def dense_eval_suite(train_feats: torch.Tensor | np.ndarray, train_masks: MaskLi
     bs = 16
     epochs = linear_epochs or -(-(30 if quick else 200) // max(1, tf.shape[0] // bs))  # ~60 / 200 SGD steps
     lp = linear_probe(tf, tm, vf, vm, num_classes, lrs=linear_lrs, epochs=epochs, batch_size=bs, eval_size=None,
-                      ignore_index=ignore_index, seed=seed, eval_every_epoch=False)
+                      ignore_index=ignore_index, seed=seed, eval_every=0)
     out["linear/miou"] = lp.metrics["miou"]
     out["linear/best_lr"] = lp.metrics["best_lr"]
     cells = tf.shape[0] * tf.shape[1] * tf.shape[2]
