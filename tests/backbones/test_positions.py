@@ -82,6 +82,9 @@ def test_table_cache_and_gradients():
         bb.model.pos_embed.mul_(2)  # in-place update bumps the version counter: cache invalidated
         c = bb.position_embedding(6, 9)
     torch.testing.assert_close(c, 2 * a)
+    with torch.inference_mode():
+        d = bb.position_embedding(6, 9)
+    assert d.is_inference() and not bb.position_embedding(6, 9).is_inference()
     p = bb.patch_size
     bb.forward_features(torch.randn(1, 3, 6 * p, 9 * p)).patch.sum().backward()
     assert bb.model.pos_embed.grad is not None and bb.model.pos_embed.grad.abs().sum() > 0

@@ -23,8 +23,8 @@ def _randomize(model: torch.nn.Module) -> None:
             p.add_(0.2 * torch.randn(p.shape, generator=g))
 
 
-def source(name: str):
-    bb = load_backbone(name, weights="random").eval()
+def source(name: str, **model_kwargs):
+    bb = load_backbone(name, weights="random", model_kwargs=model_kwargs or None).eval()
     _randomize(bb.model)
     return bb
 
@@ -36,6 +36,8 @@ def to_official(bb) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(2)
     if bb.family == "dinov2":
         sd["mask_token"] = torch.randn(1, D, generator=g)
+        if bb.arch.startswith("vit_giant"):  # packed SwiGLU: official w12 / w3
+            sd = {k.replace("mlp.fc1.", "mlp.w12.").replace("mlp.fc2.", "mlp.w3."): v for k, v in sd.items()}
         if "reg_token" in sd:
             sd["register_tokens"] = sd.pop("reg_token")
             pe0 = torch.randn(1, 1, D, generator=g)
@@ -53,8 +55,11 @@ def to_official(bb) -> dict[str, torch.Tensor]:
             elif k.endswith("attn.v_bias"):
                 continue
             else:
-                out[k.replace("gamma_1", "ls1.gamma").replace("gamma_2", "ls2.gamma")
-                    .replace("reg_token", "storage_tokens")] = v
+                k = k.replace("gamma_1", "ls1.gamma").replace("gamma_2", "ls2.gamma")
+                k = k.replace("mlp.fc1_g.", "mlp.w1.").replace("mlp.fc1_x.", "mlp.w2.")
+                if "mlp.w1." in k or "mlp.w2." in k or any("fc1_g" in j for j in sd):
+                    k = k.replace("mlp.fc2.", "mlp.w3.")  # SwiGLU (ViT-S+, H+): w1, w2, w3
+                out[k.replace("reg_token", "storage_tokens")] = v
         dh = D // bb.num_heads
         out["rope_embed.periods"] = 100.0 ** (2 * torch.arange(dh // 4) / (dh // 2))
         out["mask_token"] = torch.randn(1, D, generator=g)
@@ -92,6 +97,25 @@ def test_official_layout_loads_and_matches(name, tmp_path, caplog):
     if src.family == "dinov3":
         assert any("bias_mask" in d or "blocks" in d for d in info["dropped"])
         assert any("eva.checkpoint_filter_fn" in c for c in info["conversions"])
+
+
+SWIGLU = {"vit_giant_patch14_dinov2": dict(embed_dim=48, depth=2, num_heads=2, img_size=56),
+          "vit_small_plus_patch16_dinov3_qkvb": dict(embed_dim=64, depth=2, num_heads=4, img_size=64)}
+
+
+@pytest.mark.parametrize("arch", list(SWIGLU))
+def test_official_swiglu_layouts(arch, tmp_path):
+    src = source(arch, **SWIGLU[arch])
+    sd = to_official(src)
+    assert any(".mlp.w3." in k for k in sd)
+    torch.save(sd, tmp_path / "official.pth")
+    bb = load_backbone(arch, weights=str(tmp_path / "official.pth"), model_kwargs=SWIGLU[arch]).eval()
+    for x in sizes(src):
+        same_features(src, bb, x)
+    if src.family == "dinov2":  # ViT-g official export writes w12 / w3 back
+        bb.export(tmp_path / "out.pth", format="official")
+        sd2 = torch.load(tmp_path / "out.pth", weights_only=True)
+        assert set(sd2) == set(sd) and all(torch.equal(sd2[k], sd[k]) for k in sd)
 
 
 def _prefixed(sd, prefix):

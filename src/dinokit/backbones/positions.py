@@ -81,7 +81,7 @@ class OffsetPosEmbed:
         pe = self.model.pos_embed
         if torch.is_grad_enabled() and pe.requires_grad:
             return interpolate_table(self.model, h, w, self.policy)
-        key = (h, w, pe.dtype, pe.device, pe._version, pe.data_ptr())
+        key = (h, w, pe.dtype, pe.device, pe._version, pe.data_ptr(), torch.is_inference_mode_enabled())
         hit = self.cache.get(key)
         if hit is None:
             if len(self.cache) > 16:

@@ -63,10 +63,12 @@ class Checkpoint:
 
 # ---------------------------------------------------------------------------------------------------- helpers
 def is_file(weights: Any) -> bool:
-    """Whether ``weights`` names a file (known suffix or existing path) rather than a tag / ``random``."""
+    """Whether ``weights`` names a file (known suffix, a path separator, or an existing path) rather than a tag or
+    ``random``."""
     if isinstance(weights, os.PathLike):
         return True
-    return isinstance(weights, str) and (Path(weights).suffix in WEIGHT_SUFFIXES or Path(weights).exists())
+    return isinstance(weights, str) and (Path(weights).suffix in WEIGHT_SUFFIXES or "/" in weights
+                                         or os.sep in weights or Path(weights).exists())
 
 
 def sha256(path: str | Path) -> str:
@@ -650,7 +652,9 @@ def export(bb, path: str | Path, format: str = "dinokit") -> Path:
         sd["mask_token"] = kept.get("mask_token", torch.zeros(1, D)).detach().cpu().clone()
         if any(re.search(r"mlp\.fc1_g\.", k) for k in sd):
             raise ValueError(f"{bb.name}: unpacked SwiGLU MLP has no official DINOv2 key mapping")
-        if bb.arch.startswith("vit_giant") or "swiglu" in type(bb.model.blocks[0].mlp).__name__.lower():
+        from timm.layers import GluMlp
+
+        if isinstance(bb.model.blocks[0].mlp, GluMlp):  # ViT-g: packed SwiGLU fc1/fc2 <-> official w12/w3
             sd = {re.sub(r"mlp\.fc1\.", "mlp.w12.", re.sub(r"mlp\.fc2\.", "mlp.w3.", k)): v for k, v in sd.items()}
         if "reg_token" in sd:
             sd["register_tokens"] = sd.pop("reg_token")
