@@ -1,0 +1,91 @@
+"""``dinokit rasa fit`` / ``dinokit rasa apply``: shards debiased, offline failure, a tiny synthetic fit."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from dinokit.backbones import WeightsUnavailableError
+from dinokit.backbones.shards import load_feature_dir, read_shard, write_shard
+from dinokit.methods.rasa import RASAHead, load_rasa_head
+from dinokit.methods.rasa_commands import _crop_for_patch, apply, fit
+
+D = 32
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _shards(folder, n_shards=2, n=3, grid=(4, 5), dtype=torch.float32):
+    folder.mkdir(parents=True, exist_ok=True)
+    for k in range(n_shards):
+        t = {"patch": torch.randn(n, *grid, D).to(dtype), "cls": torch.randn(n, D), "registers": torch.randn(n, 4, D),
+             "grid": torch.tensor(grid), "index": torch.arange(k * n, (k + 1) * n)}
+        write_shard(folder / f"shard-{k:05d}.safetensors", t, [f"img{k}_{i}" for i in range(n)],
+                    {"backbone": {"name": "tiny"}, "config": {}})
+    (folder / "manifest.json").write_text(json.dumps({"shards": n_shards}))
+
+
+def test_apply_debiases_patch_only(tmp_path):
+    src = tmp_path / "feats"
+    _shards(src)
+    head = RASAHead(D, stage_weights=torch.randn(3, 2, D) / D**0.5)
+    hp = head.save(tmp_path / "head.pth")
+    assert apply(hp, src, tmp_path / "out") == 0
+    a, b = load_feature_dir(src), load_feature_dir(tmp_path / "out")
+    assert (b.patch - head(a.patch)).abs().max() <= 1e-5
+    assert torch.equal(a.cls, b.cls) and torch.equal(a.registers, b.registers) and a.image_ids == b.image_ids
+    assert (b.patch @ head.stage_weights[-1].T).abs().max() <= 1e-4
+    _, _, meta = read_shard(tmp_path / "out" / "shard-00000.safetensors")
+    assert meta["feature_transform"]["rasa_stages"] == 3 and (tmp_path / "out" / "manifest.json").is_file()
+    assert apply(hp, src, tmp_path / "out") == 0  # resumable: already converted shards are skipped
+
+
+def test_apply_keeps_dtype_and_rejects_bad_input(tmp_path):
+    src = tmp_path / "f16"
+    _shards(src, n_shards=1, dtype=torch.float16)
+    head = RASAHead(D, stage_weights=torch.randn(2, 2, D) / D**0.5)
+    hp = head.save(tmp_path / "head.safetensors", format="native")
+    apply(hp, src, tmp_path / "o16")
+    assert load_feature_dir(tmp_path / "o16").patch.dtype == torch.float16
+    wrong = RASAHead(D + 1, stage_weights=torch.randn(2, 2, D + 1)).save(tmp_path / "wrong.pth")
+    with pytest.raises(ValueError, match="D = 32 but the head"):
+        apply(wrong, src, tmp_path / "o2")
+    with pytest.raises(ValueError, match="equals --features"):
+        apply(hp, src, src)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no feature shards"):
+        apply(hp, tmp_path / "empty", tmp_path / "o3")
+
+
+def test_crop_rounding():
+    assert _crop_for_patch(518, 14) == 518 and _crop_for_patch(518, 16) == 512 and _crop_for_patch(224, 16) == 224
+
+
+def test_fit_offline_pretrained_fails_clearly(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(WeightsUnavailableError):
+        fit(backbone="dinov2_vitb14", weights="pretrained", synthetic=8, out=tmp_path / "r", num_workers=0)
+
+
+def test_fit_synthetic_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    rc = fit(backbone="tiny_dino", weights="random", synthetic=8, synthetic_size=64, crop_size=64, val_size=64,
+             batch_size=4, epochs=1, lr=1e-2, max_stages=2, num_workers=0, accelerator="cpu", entropy=False,
+             out=out, seed=400)
+    assert rc == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["rasa/n_stages"] == 2 and m["rasa/stop_reason"] == "max_stages" and "meta" in m
+    assert {"rasa/stage1/val/mse", "rasa/stage1/val/chance", "rasa/stage1/val/cos_pe_removed"} <= set(m)
+    h = load_rasa_head(out / "rasa_head.safetensors")
+    assert h.n_stages == 2 and json.loads(h.meta["stage_val_mse"]) == [m["rasa/stage1/val/mse"],
+                                                                       m["rasa/stage2/val/mse"]]
+    assert torch.equal(load_rasa_head(out / "rasa_head.pth").stage_weights, h.stage_weights)
+    assert (out / "curve.png").is_file() and json.loads((out / "curve.json").read_text())["stage"] == [1, 2, 3]
+    assert np.isfinite(m["rasa/final/val/mse"])
