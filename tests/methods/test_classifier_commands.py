@@ -35,3 +35,15 @@ def test_classify_fit_density_online(tmp_path):
                  "--att_size", "64", "--canvas", "64", *TINY]) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert 0 <= m["synthetic/classify/density/s0/acc"] <= 1
+
+
+@pytest.mark.parametrize("name", ["stage1", "rrc", "localized_gt", "localized_pseudo", "density"])
+def test_cub_configs_parse(name, capsys):
+    from pathlib import Path
+
+    cfg = Path(__file__).parents[2] / "configs" / f"classifier_cub_{name}.yaml"
+    with pytest.raises(SystemExit) as exc:
+        main(["classify", "fit", "--config", str(cfg), "--print_config"])
+    assert exc.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert "epochs: 200" in printed and "batch_size: 32" in printed and "label_smoothing: 0.1" in printed
