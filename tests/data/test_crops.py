@@ -380,3 +380,13 @@ def tiny_backbone():
     from dinokit.backbones import load_backbone
 
     return load_backbone("tiny_dino", weights="random").eval()
+
+
+def test_sam_without_the_extra_says_how_to_install(tmp_path):
+    try:
+        import segment_anything  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match=r"dinokit\[sam\]"):
+            C.sam_mask_generator(tmp_path / "sam.pth")
+    else:
+        pytest.skip("segment-anything is installed; covered by test_sam_needs_a_local_checkpoint")

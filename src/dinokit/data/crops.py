@@ -981,11 +981,15 @@ class DensityCache:
                                  "rebuild it on this dataset")
         self.cfg = cfg or DensityConfig()
         self.out_size = out_size
+        self._P: dict[str, torch.Tensor] = {}
 
     def density(self, image_id: str) -> torch.Tensor:
-        """(h, w) density P of one image."""
-        c = self.cfg
-        return density_from_score(self.maps[str(image_id)].float()[None], c.k, c.minmax, c.temperature)[0]
+        """(h, w) density P of one image (computed once per id and process: it depends on the map and cfg only)."""
+        key = str(image_id)
+        if key not in self._P:
+            c = self.cfg
+            self._P[key] = density_from_score(self.maps[key].float()[None], c.k, c.minmax, c.temperature)[0]
+        return self._P[key]
 
     def crop(self, image, image_id: str, generator: torch.Generator | None = None,
              u: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, bool]:
