@@ -90,6 +90,26 @@ def test_density_crops_inside_and_non_empty_for_every_placement(seed, H, W, plac
     assert (r[:, 0] + r[:, 2] <= H).all() and (r[:, 1] + r[:, 3] <= W).all()
 
 
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), H=st.integers(1, 300), W=st.integers(1, 300),
+       placement=st.sampled_from(["restrict", "shift"]), tiny=st.booleans())
+def test_cpu_single_sample_sampler_equals_the_vectorised_one(seed, H, W, placement, tiny):
+    g = torch.Generator().manual_seed(seed)
+    B = 8
+    P = C.density_map(torch.rand(B, 2, 3, 5, generator=g))
+    if tiny:
+        P = torch.where(P > P.flatten(1).max(1).values[:, None, None] * 0.9, P, torch.zeros_like(P))
+    sizes = torch.tensor([[H, W]], dtype=torch.float64).repeat(B, 1)
+    u = C.density_uniforms(B, g)
+    out = C.sample_density_crops(P, sizes, u, placement=placement)
+    rounded = C.round_crops(out["crops"], sizes)
+    for b in range(B):
+        crop, flip, fb = C.sample_density_crop_cpu(P[b].numpy(), (H, W), u[b].numpy(), placement=placement)
+        np.testing.assert_allclose(crop, out["crops"][b].numpy(), rtol=0, atol=1e-9)
+        assert flip == bool(out["flip"][b]) and fb == bool(out["fallback"][b])
+        assert C.round_crop(crop, (H, W)) == rounded[b].tolist()
+
+
 def test_crop_shapes_follow_torchvision_rule_and_fallback():
     u = torch.full((1, 24), 0.5, dtype=torch.float64)
     h, w = C.crop_shapes(u, torch.tensor([[100.0, 100.0]]), scale=(0.25, 0.25), ratio=(1.0, 1.0))

@@ -776,6 +776,80 @@ def sample_density_crops(P: torch.Tensor, sizes: torch.Tensor, u: torch.Tensor,
     return {"crops": crops, "flip": u[:, 23] < 0.5, "cell": cell, "fallback": fallback}
 
 
+def sample_density_crop_cpu(P: np.ndarray, size: tuple[int, int], u: np.ndarray,
+                            scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                            placement: str = "restrict") -> tuple[list[float], bool, bool]:
+    """:func:`sample_density_crops` for one sample in numpy/float64 (the ``__getitem__`` path of the cache design,
+    ~10x less overhead than tiny torch ops): ((top, left, h, w) continuous, flip, fallback). Same formulas, same
+    operation order."""
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement={placement!r}; choose one of {PLACEMENTS}")
+    P = np.asarray(P, np.float64)
+    u = np.asarray(u, np.float64).reshape(-1)
+    H, W = float(size[0]), float(size[1])
+    gh, gw = P.shape
+    lr0, lr1 = math.log(ratio[0]), math.log(ratio[1])
+    s = scale[0] + (scale[1] - scale[0]) * u[0:20:2]
+    r = np.exp(lr0 + (lr1 - lr0) * u[1:20:2])
+    area = s * H * W
+    w, h = np.round(np.sqrt(area * r)), np.round(np.sqrt(area / r))
+    ok = (w > 0) & (w <= W) & (h > 0) & (h <= H)
+    if ok.any():
+        k = int(np.argmax(ok))
+        ch, cw = float(h[k]), float(w[k])
+    else:
+        in_ratio = W / H
+        cw = W if in_ratio < ratio[0] else (float(np.round(H * ratio[1])) if in_ratio > ratio[1] else W)
+        ch = float(np.round(W / ratio[0])) if in_ratio < ratio[0] else H
+    Xlo, Xhi, Ylo, Yhi = cw / 2, W - cw / 2, ch / 2, H - ch / 2
+
+    def overlap(n: int, length: float, lo: float, hi: float) -> np.ndarray:
+        c = length / n
+        j = np.arange(n, dtype=np.float64)
+        if hi - lo <= 0:
+            out = np.zeros(n)
+            out[int(min(max(math.ceil(lo / c) - 1, 0), n - 1))] = 1.0
+            return out
+        return np.clip(np.minimum((j + 1) * c, hi) - np.maximum(j * c, lo), 0, None) / c
+
+    if placement == "restrict":
+        q = P * overlap(gh, H, Ylo, Yhi)[:, None] * overlap(gw, W, Xlo, Xhi)[None, :]
+    else:
+        q = P
+    q = q.reshape(-1)
+    total = q.sum()
+    fallback = bool(total < 1e-30)
+    if fallback:
+        cell = int(np.argmax(P.reshape(-1)))
+    else:
+        cell = int(min(np.searchsorted(np.cumsum(q), u[20] * total, side="right"), gh * gw - 1))
+    i, j = cell // gw, cell % gw
+    cx0, cx1 = j * W / gw, (j + 1) * W / gw
+    cy0, cy1 = i * H / gh, (i + 1) * H / gh
+    if placement == "restrict":
+        x0, x1 = max(cx0, Xlo), min(cx1, Xhi)
+        y0, y1 = max(cy0, Ylo), min(cy1, Yhi)
+        x1, y1 = max(x1, x0), max(y1, y0)
+    else:
+        x0, x1, y0, y1 = cx0, cx1, cy0, cy1
+    x, y = x0 + (x1 - x0) * u[21], y0 + (y1 - y0) * u[22]
+    if fallback:
+        x = min(max((cx0 + cx1) / 2, Xlo), Xhi)
+        y = min(max((cy0 + cy1) / 2, Ylo), Yhi)
+    top, left = y - ch / 2, x - cw / 2
+    if placement == "shift":
+        top, left = min(max(top, 0.0), H - ch), min(max(left, 0.0), W - cw)
+    return [top, left, ch, cw], bool(u[23] < 0.5), fallback
+
+
+def round_crop(crop: Sequence[float], size: tuple[int, int]) -> list[int]:
+    """:func:`round_crops` for one crop: floor(v + 1/2), clamped inside the (H, W) image."""
+    H, W = size
+    h = min(max(math.floor(crop[2] + 0.5), 1), H)
+    w = min(max(math.floor(crop[3] + 0.5), 1), W)
+    return [min(max(math.floor(crop[0] + 0.5), 0), H - h), min(max(math.floor(crop[1] + 0.5), 0), W - w), h, w]
+
+
 def round_crops(crops: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
     """Continuous (B, 4) crops -> integer (top, left, h, w): floor(v + 1/2), clamped inside the (B, 2) sizes."""
     c = crops.to(torch.float64)
@@ -993,16 +1067,19 @@ class DensityCache:
 
     def crop(self, image, image_id: str, generator: torch.Generator | None = None,
              u: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """(3, H, W) uint8 image -> (crop (3, S, S) uint8, integer (top, left, h, w), flipped)."""
+        """(3, H, W) uint8 tensor or PIL image -> (crop (3, S, S) uint8, integer (top, left, h, w), flipped)."""
         from torchvision.transforms.v2 import functional as TF
 
-        x = _as_uint8_chw(image)
-        H, W = x.shape[-2:]
+        if isinstance(image, np.ndarray):
+            image = _as_uint8_chw(image)
+        H, W = image_hw(image)
         u = density_uniforms(1, generator) if u is None else u.reshape(1, -1)
-        sizes = torch.tensor([[H, W]], dtype=torch.float64)
-        s = sample_density_crops(self.density(image_id)[None], sizes, u, self.cfg.scale, self.cfg.ratio,
-                                 self.cfg.placement)
-        t, lf, h, w = round_crops(s["crops"], sizes)[0].tolist()
-        out = TF.resized_crop(x, t, lf, h, w, [self.out_size, self.out_size], antialias=True)
-        flip = bool(s["flip"][0])
-        return (out.flip(-1) if flip else out), torch.tensor([t, lf, h, w]), flip
+        crop, flip, _ = sample_density_crop_cpu(self.density(image_id).numpy(), (H, W), u.numpy()[0], self.cfg.scale,
+                                                self.cfg.ratio, self.cfg.placement)
+        t, lf, h, w = round_crop(crop, (H, W))
+        out = TF.resized_crop(image, t, lf, h, w, [self.out_size, self.out_size], antialias=True)
+        if flip:
+            out = TF.horizontal_flip(out)
+        if not isinstance(out, torch.Tensor):
+            out = TF.pil_to_tensor(out)
+        return out, torch.tensor([t, lf, h, w]), flip
