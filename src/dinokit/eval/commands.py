@@ -326,25 +326,30 @@ def hummingbird(data: Path, out: Path = Path("runs/eval"), backbone: str = "dino
     sub = select_subset(len(ds), train_fraction, subset_seed)
     bb = _backbone(backbone, weights, device)
     passes = epochs if augment else 1
-    views, vmasks = [], []
-    for e in range(passes):
-        for i in sub:
+    import numpy as np
+
+    from ..data.transforms import SegTransform
+    from ..eval.hummingbird import MemoryBuilder
+
+    order = [(e, i) for e in range(passes) for i in sub]
+    builder = MemoryBuilder(ds.num_classes, len(order), memory_size, seed, ds.ignore_index, 0,
+                            torch.float16 if mem_fp16 else torch.float32)
+    for s in range(0, len(order), batch_size):  # stream: augment, extract and sample one batch at a time
+        views, vmasks = [], []
+        for e, i in order[s:s + batch_size]:
             item = ds[i]
             if augment:
                 img, m = augment_memory_view(item["image"], item["mask"], size, seed * 1_000_003 + e * len(ds) + i)
             else:
-                from ..data.transforms import SegTransform
-
                 t = SegTransform(resize=(size, size))(item)
-                img, m = t["image"], torch.from_numpy(t["mask"])
+                img, m = np.asarray(t["image"], np.uint8), torch.from_numpy(t["mask"])
             views.append(img)
             vmasks.append(m)
-    import numpy as np
-
-    tf = _extract(bb, [np.asarray(v, np.uint8) for v in views], device, batch_size)
+        builder.add(_extract(bb, views, device, batch_size), torch.stack(vmasks), list(range(s, s + len(views))))
+    memory = builder.build()
     va = _open_split(data, split, size, n_images)
     vf, rec = _features(va, features, backbone, weights, size, device, batch_size, bb)
-    res = run(tf, torch.stack(vmasks), vf, va.masks, va.num_classes, k=k, beta=beta, memory_size=memory_size,
+    res = run(memory, None, vf, va.masks, va.num_classes, k=k, beta=beta, memory_size=memory_size,
               backend=knn_backend, matching=matching, ignore_index=va.ignore_index,
               memory_ignore_to=0, seed=seed, mem_dtype=torch.float16 if mem_fp16 else torch.float32,
               n_examples=n_figures, class_names=va.class_names)

@@ -40,7 +40,8 @@ def soft_cell_labels(masks: torch.Tensor, grid: tuple[int, int], num_classes: in
     """(B, H, W) int masks -> (B, h, w, C) soft labels: per cell the histogram of its pixel classes / pixels.
 
     H, W must be multiples of the grid (cells of (H/h) x (W/w) pixels). ``ignore_index`` pixels count as
-    class ``ignore_to`` (upstream: VOC 255 -> 0; memory only).
+    class ``ignore_to`` (upstream: VOC 255 -> 0; memory only). One bincount over (cell, class) pairs: memory
+    O(B·H·W), never a per-pixel one-hot.
     """
     b, hh, ww = masks.shape
     h, w = grid
@@ -51,8 +52,12 @@ def soft_cell_labels(masks: torch.Tensor, grid: tuple[int, int], num_classes: in
     if ignore_index is not None:
         m = torch.where(m == ignore_index, torch.full_like(m, ignore_to), m)
     check_labels(m, num_classes, None)
-    onehot = F.one_hot(m, num_classes).float().permute(0, 3, 1, 2)  # (B, C, H, W)
-    return F.avg_pool2d(onehot, (hh // h, ww // w)).permute(0, 2, 3, 1).contiguous()
+    ph, pw = hh // h, ww // w
+    rows = torch.arange(hh, device=m.device) // ph
+    cols = torch.arange(ww, device=m.device) // pw
+    cell = (torch.arange(b, device=m.device)[:, None, None] * (h * w) + rows[None, :, None] * w + cols[None, None, :])
+    counts = torch.bincount((cell * num_classes + m).reshape(-1), minlength=b * h * w * num_classes)
+    return (counts.view(b, h, w, num_classes).float() / (ph * pw))
 
 
 def sample_cells(labels: torch.Tensor, quota: int, generator: torch.Generator) -> torch.Tensor:
@@ -80,35 +85,69 @@ class MemoryBank:
         return self.features.shape[0]
 
 
+class MemoryBuilder:
+    """Streaming construction of a bounded memory bank: add train batches as they are extracted; only the q sampled
+    cells of each image are kept (q from :func:`memory_quota` of ``memory_size`` and the total number of feature
+    maps ``n_views`` = N_train·E). Sampling of view ``i`` uses a CPU generator seeded by (seed, i), so batching and
+    sharding do not change the result."""
+
+    def __init__(self, num_classes: int, n_views: int, memory_size: int | None = 102_400, seed: int = 0,
+                 ignore_index: int | None = 255, ignore_to: int = 0, mem_dtype: torch.dtype = torch.float32):
+        if n_views < 1:
+            raise ValueError("the memory split is empty (0 images); check the train split")
+        self.num_classes, self.seed, self.ignore_index, self.ignore_to = num_classes, seed, ignore_index, ignore_to
+        self.quota = memory_quota(memory_size, n_views, 1)
+        self.mem_dtype = mem_dtype
+        self._feats: list[torch.Tensor] = []
+        self._labels: list[torch.Tensor] = []
+        self._next = 0
+
+    def add(self, feats: torch.Tensor | np.ndarray, masks: MaskLike, index: Sequence[int] | None = None) -> None:
+        """Add views: feats (b, h, w, D), masks (b, H, W) at grid x patch size; ``index`` = global view ids."""
+        f = as_features(feats, "memory features")
+        b, h, w, d = f.shape
+        m = as_masks(masks, b, "memory masks")
+        if isinstance(m, list):
+            m = torch.stack(m)
+        labels = soft_cell_labels(m, (h, w), self.num_classes, self.ignore_index, self.ignore_to).reshape(b, h * w, -1)
+        f = F.normalize(f, dim=-1, eps=1e-12).reshape(b, h * w, d)
+        idx = list(index) if index is not None else list(range(self._next, self._next + b))
+        self._next = max(self._next, max(idx) + 1)
+        if self.quota is None or self.quota >= h * w:
+            self._feats.append(f.reshape(-1, d).to(self.mem_dtype))
+            self._labels.append(labels.reshape(-1, self.num_classes))
+            return
+        for i in range(b):
+            g = torch.Generator().manual_seed(int(self.seed) * 1_000_003 + int(idx[i]))
+            keep = sample_cells(labels[i], self.quota, g)
+            self._feats.append(f[i, keep].to(self.mem_dtype))
+            self._labels.append(labels[i, keep])
+
+    def build(self) -> MemoryBank:
+        if not self._feats:
+            raise ValueError("no memory views were added")
+        return MemoryBank(torch.cat(self._feats), torch.cat(self._labels))
+
+
 def build_memory(feats: torch.Tensor | np.ndarray, masks: MaskLike, num_classes: int,
                  memory_size: int | None = 102_400, epochs: int = 1, seed: int = 0,
                  ignore_index: int | None = 255, ignore_to: int = 0, mem_dtype: torch.dtype = torch.float32,
-                 image_index: Sequence[int] | None = None) -> MemoryBank:
+                 image_index: Sequence[int] | None = None, chunk: int = 64) -> MemoryBank:
     """Memory bank from train features (B, h, w, D) and masks (B, H, W) at grid x patch-size resolution.
 
     ``B`` = N_train·E feature maps (E augmented passes stacked); the per-image quota is computed from
-    ``memory_size`` and B (``epochs`` only documents how many passes B holds). Sampling of image ``i`` uses a
-    CPU generator seeded by (seed, image_index[i]) so sharding images over ranks does not change it.
+    ``memory_size`` and B (``epochs`` only documents how many passes B holds). See :class:`MemoryBuilder` for
+    streaming construction without holding every train feature map.
     """
     f = as_features(feats, "memory features")
-    b, h, w, d = f.shape
-    m = as_masks(masks, b, "memory masks")
+    m = as_masks(masks, f.shape[0], "memory masks")
     if isinstance(m, list):
         m = torch.stack(m)
-    labels = soft_cell_labels(m, (h, w), num_classes, ignore_index, ignore_to)
-    q = memory_quota(memory_size, b, 1)
-    f = F.normalize(f, dim=-1, eps=1e-12).reshape(b, h * w, d)
-    labels = labels.reshape(b, h * w, num_classes)
-    if q is None or q >= h * w:
-        return MemoryBank(f.reshape(-1, d).to(mem_dtype), labels.reshape(-1, num_classes))
-    idx = list(image_index) if image_index is not None else list(range(b))
-    feats_out, labels_out = [], []
-    for i in range(b):
-        g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(idx[i]))
-        keep = sample_cells(labels[i], q, g)
-        feats_out.append(f[i, keep])
-        labels_out.append(labels[i, keep])
-    return MemoryBank(torch.cat(feats_out).to(mem_dtype), torch.cat(labels_out))
+    idx = list(image_index) if image_index is not None else list(range(f.shape[0]))
+    mb = MemoryBuilder(num_classes, f.shape[0], memory_size, seed, ignore_index, ignore_to, mem_dtype)
+    for s in range(0, f.shape[0], chunk):
+        mb.add(f[s:s + chunk], m[s:s + chunk], idx[s:s + chunk])
+    return mb.build()
 
 
 def resolve_backend(backend: str = "auto") -> str:
@@ -200,8 +239,9 @@ class HummingbirdResult:
     examples: list[np.ndarray] = field(default_factory=list)
 
 
-def hummingbird(train_feats: torch.Tensor | np.ndarray, train_masks: MaskLike, val_feats: torch.Tensor | np.ndarray,
-                val_masks: MaskLike, num_classes: int, k: int = 30, beta: float = 0.02,
+def hummingbird(train_feats: torch.Tensor | np.ndarray | MemoryBank, train_masks: MaskLike | None,
+                val_feats: torch.Tensor | np.ndarray, val_masks: MaskLike, num_classes: int,
+                k: int = 30, beta: float = 0.02,
                 memory_size: int | None = 102_400, backend: str = "auto", matching: str = "hungarian",
                 ignore_index: int | None = 255, memory_ignore_to: int = 0, seed: int = 0, batch_size: int = 16,
                 mem_dtype: torch.dtype = torch.float32, n_examples: int = 0,
@@ -209,7 +249,8 @@ def hummingbird(train_feats: torch.Tensor | np.ndarray, train_masks: MaskLike, v
     """Hummingbird mIoU of val features against a memory built from train features.
 
     Args:
-        train_feats: (N_train·E, h, w, D) memory features; train_masks (N_train·E, H, W) at grid x patch size.
+        train_feats: (N_train·E, h, w, D) memory features; train_masks (N_train·E, H, W) at grid x patch size;
+            or a prebuilt :class:`MemoryBank` (e.g. from :class:`MemoryBuilder`; train_masks is then ignored).
         val_feats: (B, h', w', D) query features; val_masks (B, H, W) or a list of (H_i, W_i) label maps.
         num_classes: C (memory bins and confusion matrix size).
         memory_size: M rows (None = unbounded, all cells).
@@ -218,8 +259,11 @@ def hummingbird(train_feats: torch.Tensor | np.ndarray, train_masks: MaskLike, v
     Returns:
         :class:`HummingbirdResult`; under DDP the val split is sharded by rank and the confusion all-reduced.
     """
-    mem = build_memory(train_feats, train_masks, num_classes, memory_size, seed=seed, ignore_index=ignore_index,
-                       ignore_to=memory_ignore_to, mem_dtype=mem_dtype)
+    if isinstance(train_feats, MemoryBank):
+        mem = train_feats
+    else:
+        mem = build_memory(train_feats, train_masks, num_classes, memory_size, seed=seed, ignore_index=ignore_index,
+                           ignore_to=memory_ignore_to, mem_dtype=mem_dtype)
     vf = as_features(val_feats, "val features")
     b, h, w, d = vf.shape
     if d != mem.features.shape[1]:
