@@ -6,9 +6,9 @@ default). Reported per step
 (forward + backward of the loss w.r.t. ``output``):
 
 - memory: on CPU, the bytes of the unique storages saved for backward (``saved_tensors_hooks``) plus the activation
-  lists the implementation holds, measured at the end of the loss forward (its peak); on GPU,
-  ``torch.cuda.max_memory_allocated`` above the inputs and model. The bare teacher graph (one forward with grad) is
-  printed as the floor.
+  lists the implementation holds (teacher parameters excluded), measured at the end of the loss forward (its peak);
+  on GPU, ``torch.cuda.max_memory_allocated`` above the inputs and model. The bare teacher graph (one forward with
+  grad) is printed as the floor.
 - time: median seconds per step, the two implementations interleaved step by step.
 
 Run: ``.venv/bin/python benchmarks/bench_repalign.py`` (``--device cuda --amp`` on a GPU).
@@ -71,14 +71,19 @@ class NaiveRepAlign:
 
 
 class SavedBytes:
-    """Sum of the unique storages packed for backward inside the context (plus extra held tensors)."""
+    """Sum of the unique storages packed for backward inside the context (plus extra held tensors).
 
-    def __init__(self):
+    Storages of ``skip`` (the teacher's parameters, the same for every implementation) are not counted.
+    """
+
+    def __init__(self, skip: list[torch.Tensor]):
         self.storages: dict[int, int] = {}
+        self.skip = {p.untyped_storage().data_ptr() for p in skip}
 
     def add(self, t: torch.Tensor) -> None:
         s = t.untyped_storage()
-        self.storages[s.data_ptr()] = s.nbytes()
+        if s.data_ptr() not in self.skip:
+            self.storages[s.data_ptr()] = s.nbytes()
 
     def __enter__(self):
         def pack(t):
@@ -147,7 +152,7 @@ def main() -> None:
             torch.cuda.synchronize()
             return (torch.cuda.max_memory_allocated() - base) / 2**20
         x.grad = None
-        with SavedBytes() as sb, amp:
+        with SavedBytes(list(teacher.parameters())) as sb, amp:
             loss = fn(x, y)
         for t in held() if held else []:
             sb.add(t)
@@ -163,7 +168,7 @@ def main() -> None:
     m_naive = mem(naive, naive.held)
     m_ours = mem(ours)
     m_bf16 = mem(ours_bf16)
-    unit = "MB peak allocated" if dev.type == "cuda" else "MB saved-for-backward + held"
+    unit = "MB peak allocated" if dev.type == "cuda" else "MB saved-for-backward + held, parameters excluded"
     print(f"memory ({unit}): bare teacher graph {m_bare:.1f}; naive {m_naive:.1f}; dinokit {m_ours:.1f} "
           f"(ratio {m_ours / m_naive:.3f}); dinokit target_dtype=bf16 {m_bf16:.1f} (ratio {m_bf16 / m_naive:.3f})")
 
