@@ -437,3 +437,15 @@ def test_bf16_autocast_and_bf16_targets(vit):
     assert amp.dtype == torch.float32 and abs(amp.item() - ref) / ref < 1e-2
     low = RepAlignLoss(vit, target_dtype=torch.bfloat16)(x, y).item()
     assert abs(low - ref) / ref < 1e-3
+
+
+def test_teacher_input_resize_is_a_valid_normalize(vit):
+    from dinokit.methods.repalign import TeacherInput
+
+    norm = TeacherInput((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), size=56)
+    x, y = torch.rand(2, 3, 64, 64, requires_grad=True), torch.rand(2, 3, 64, 64)
+    loss = RepAlignLoss(vit, norm)
+    v = loss(x, y)
+    v.backward()
+    assert x.grad.abs().sum() > 0 and loss(y, y).item() == 0.0
+    assert abs(v.item() - RepAlignLoss(vit)(norm(x.detach()), norm(y)).item()) < 1e-6

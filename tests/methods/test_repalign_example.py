@@ -6,9 +6,8 @@ from torch import nn
 from dinokit.backbones import load_backbone
 from dinokit.data.synthetic import SyntheticScenes
 from dinokit.demo.context import DemoContext
-from dinokit.methods.repalign import RepAlignLoss, repalign_terms
+from dinokit.methods.repalign import RepAlignLoss, TeacherInput, repalign_terms
 from dinokit.methods.repalign_example import (
-    ImageNormalize,
     TinyDenoiser,
     add_noise,
     psnr,
@@ -23,10 +22,12 @@ def test_metrics_known_answers():
     assert abs(psnr(clean + 0.1, clean) - 20.0) < 1e-4
     assert torch.equal(add_noise(clean, 0.1, 3), add_noise(clean, 0.1, 3))
     bb = load_backbone("demo_vit", "random")
-    norm = ImageNormalize(bb.mean, bb.std)
+    norm = TeacherInput(bb.mean, bb.std)
     x = torch.rand(2, 3, 32, 32)
     assert abs(teacher_cosine(bb.model, norm, x, x) - 1) < 1e-5
     assert torch.equal(TinyDenoiser(8)(x), x)  # zero-initialised last conv: starts as the identity
+    resized = TeacherInput(bb.mean, bb.std, size=16)(x)
+    assert resized.shape == (2, 3, 16, 16)
 
 
 def test_run_restoration_is_deterministic_and_reports_all_rows():

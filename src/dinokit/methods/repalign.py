@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["RepAlignLoss", "repalign_terms", "depth_weights", "group_view", "MODES", "LAYER_REDUCTIONS"]
+__all__ = ["RepAlignLoss", "TeacherInput", "repalign_terms", "depth_weights", "group_view", "name_matches", "MODES",
+           "LAYER_REDUCTIONS"]
 
 MODES = ("group", "whole")
 LAYER_REDUCTIONS = ("global", "per_layer")
@@ -258,6 +259,27 @@ def repalign_terms(xs: Sequence[Tensor], ys: Sequence[Tensor], *, mode: str = "g
     else:  # per-layer means (whole mode: sum_l w_l sum_b m_lb / (n B))
         loss = sum(wi * si / ci for wi, si, ci in zip(wt, sums, counts, strict=True)) / len(sums)
     return loss.float(), torch.stack(terms).float()
+
+
+class TeacherInput(nn.Module):
+    """A ``normalize`` for RepAlignLoss: [0, 1] images (B, 3, H, W) -> optional resize -> ``(x - mean) / std``.
+
+    ``size``: (H, W) or int for a bilinear resize with ``antialias`` pinned (torchvision >= 0.17 and F.interpolate
+    differ in their defaults); None keeps the shape. Shape-deterministic, as RepAlignLoss requires.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], size: int | tuple[int, int] | None = None,
+                 antialias: bool = True):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(list(mean)).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(list(std)).view(1, -1, 1, 1), persistent=False)
+        self.size = (size, size) if isinstance(size, int) else (tuple(size) if size is not None else None)
+        self.antialias = antialias
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.size is not None and tuple(x.shape[-2:]) != self.size:
+            x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False, antialias=self.antialias)
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
 
 
 def _as_tensor(output: object, name: str) -> Tensor:

@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .repalign import RepAlignLoss
+from .repalign import RepAlignLoss, TeacherInput
 
 __all__ = ["TinyDenoiser", "scene_tensors", "add_noise", "psnr", "teacher_cosine", "train_denoiser",
-           "run_restoration", "ImageNormalize"]
+           "run_restoration", "format_table"]
 
 
 class TinyDenoiser(nn.Module):
@@ -39,18 +39,6 @@ class TinyDenoiser(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return x + self.net(x)
-
-
-class ImageNormalize(nn.Module):
-    """[0, 1] images -> teacher input ``(x - mean) / std`` (no resize: the shape is kept)."""
-
-    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]):
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return (x - self.mean) / self.std
 
 
 def scene_tensors(scenes, device: str | torch.device = "cpu") -> Tensor:
@@ -128,7 +116,7 @@ def run_restoration(teacher: nn.Module, mean: tuple[float, ...], std: tuple[floa
     Returns rows ``"noisy input"``, ``"L1"`` and ``"L1+RepAlign"``.
     """
     teacher = teacher.to(train_clean.device).eval()
-    norm = ImageNormalize(mean, std).to(train_clean.device)
+    norm = TeacherInput(mean, std).to(train_clean.device)
     test_noisy = add_noise(test_clean, sigma, seed + 12345)
     rows = {"noisy input": RestorationRow(psnr(test_noisy, test_clean),
                                           teacher_cosine(teacher, norm, test_noisy, test_clean))}
