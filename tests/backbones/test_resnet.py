@@ -12,12 +12,12 @@ def r50():
 
 
 def test_features_equal_timm_forward_features(r50):
-    x = torch.randn(2, 3, 64, 96)
+    x = torch.randn(1, 3, 64, 96)
     with torch.no_grad():
         f = r50.forward_features(x)
         ref = r50.model.forward_features(x)
     assert torch.equal(f.patch, ref.permute(0, 2, 3, 1))
-    assert f.grid == (2, 3) and f.patch_size == 32 and f.cls is None and f.registers.shape == (2, 0, 2048)
+    assert f.grid == (2, 3) and f.patch_size == 32 and f.cls is None and f.registers.shape == (1, 0, 2048)
     torch.testing.assert_close(f.pooled(), ref.mean((2, 3)))
     assert r50.embed_dim == 2048 and r50.num_registers == 0 and r50.position_embedding(2, 3) is None
 
@@ -43,7 +43,7 @@ def test_attention_and_facets_raise(r50):
 
 
 def test_num_classes_and_freeze_bn(tmp_path):
-    bb = load_backbone("resnet18", weights="random", num_classes=10, freeze_bn=True)
+    bb = load_backbone("resnet10t", weights="random", num_classes=10, freeze_bn=True)
     assert bb.model.fc.out_features == 10
     bn = bb.model.bn1
     before = bn.running_mean.clone()
@@ -51,7 +51,7 @@ def test_num_classes_and_freeze_bn(tmp_path):
     assert bb.training and bb.model.layer1.training and not bn.training
     bb.forward_features(torch.randn(2, 3, 64, 64))
     assert torch.equal(bn.running_mean, before)
-    plain = load_backbone("resnet18", weights="random").train()
+    plain = load_backbone("resnet10t", weights="random").train()
     assert plain.model.bn1.training
 
 
@@ -60,7 +60,7 @@ def test_torchvision_file_drops_fc_by_class_count(tmp_path):
     torch.save(src.model.state_dict(), tmp_path / "resnet18-tv.pth")
     bb = load_backbone("resnet18", weights=str(tmp_path / "resnet18-tv.pth")).eval()
     assert bb.weights_info["layout"] == "torchvision" and "fc.* (2 tensors)" in bb.weights_info["dropped"]
-    x = torch.randn(1, 3, 64, 64)
+    x = torch.randn(1, 3, 32, 32)
     assert torch.equal(bb.forward_features(x).patch, src.forward_features(x).patch)
     same = load_backbone("resnet18", weights=str(tmp_path / "resnet18-tv.pth"), num_classes=1000)
     assert torch.equal(same.model.fc.weight, src.model.fc.weight)
