@@ -43,7 +43,7 @@ def test_threshold_keeps_tau_with_fewest_patches(seed, tau, ties):
         kept = p[k][m[k]]
         assert kept.sum() >= tau - 1e-6
         # dropping the smallest kept cell leaves < tau: no smaller set reaches tau
-        assert kept.sum() - kept.min() < tau
+        assert kept.sum() - kept.min() < tau + 1e-6  # up to float rounding at exact ties with tau
         # and no unkept cell is larger than a kept one (the highest cells are kept)
         if (~m[k]).any():
             assert p[k][~m[k]].max() <= kept.min()
