@@ -58,3 +58,12 @@ def test_intermediate_last_equals_forward(bb):
     x = torch.randn(1, 3, 2 * bb.patch_size, 3 * bb.patch_size)
     assert torch.equal(bb.intermediate_layers(x, [-1])[0].patch, bb.forward_features(x).patch)
     assert len(bb.intermediate_layers(x, 2)) == 2
+
+
+def test_unsupported_and_unknown_names():
+    with pytest.raises(ValueError, match=r"no timm architecture.*dinov3_vits16.*resnet50"):
+        load_backbone("dinov3_vitl16plus", weights="random")
+    with pytest.raises(ValueError, match="unknown backbone 'vit_nonexistent'"):
+        load_backbone("vit_nonexistent", weights="random")
+    with pytest.raises(ValueError, match="which='ema'"):
+        load_backbone("tiny_dino", weights="random", which="ema")

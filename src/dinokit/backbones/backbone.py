@@ -388,6 +388,8 @@ def load_backbone(name: str | None = None, weights: str = "pretrained", *, tag: 
 
     from . import weights as W
 
+    if which not in ("teacher", "student"):
+        raise ValueError(f"which={which!r}; choose 'teacher' or 'student'")
     meta: dict = {}
     if name is None:
         name = W.name_from_file(weights)
