@@ -247,7 +247,7 @@ def boxes_from_attention(attn: torch.Tensor, sizes: Sequence[tuple[int, int]],
     return out, flags
 
 
-def _as_uint8_chw(image) -> torch.Tensor:
+def as_uint8_chw(image) -> torch.Tensor:
     """PIL image, (H, W, 3) uint8 array or (3, H, W) uint8 tensor -> (3, H, W) uint8 tensor."""
     if isinstance(image, torch.Tensor):
         t = image if image.shape[0] == 3 else image.permute(2, 0, 1)
@@ -272,7 +272,7 @@ def prepare_input(image, patch: int, cfg: BoxConfig) -> torch.Tensor:
     """§1.1: optional autocontrast, resize (not crop) to the (H', W') rule; (3, H', W') float in [0, 1]."""
     from torchvision.transforms.v2 import functional as TF
 
-    x = _as_uint8_chw(image)
+    x = as_uint8_chw(image)
     if cfg.autocontrast:
         x = TF.autocontrast(x)
     H, W = x.shape[-2:]
@@ -891,7 +891,7 @@ def canvas_image(image, canvas: int) -> tuple[torch.Tensor, tuple[int, int]]:
     <= ``canvas`` and zero-padded to canvas x canvas, plus the valid size (H_v, W_v)."""
     from torchvision.transforms.v2 import functional as TF
 
-    x = _as_uint8_chw(image)
+    x = as_uint8_chw(image)
     H, W = x.shape[-2:]
     f = min(1.0, canvas / max(H, W))
     Hv, Wv = max(1, round(H * f)), max(1, round(W * f))
@@ -980,10 +980,10 @@ class DensityCacheMeta:
     values: str
     outlier: bool
     autocontrast: bool = False
-    dinokit_version: str = field(default_factory=lambda: _dinokit_version())
+    dinokit_version: str = field(default_factory=lambda: dinokit_version())
 
 
-def _dinokit_version() -> str:
+def dinokit_version() -> str:
     try:
         import importlib.metadata as md
 
@@ -1071,7 +1071,7 @@ class DensityCache:
         from torchvision.transforms.v2 import functional as TF
 
         if isinstance(image, np.ndarray):
-            image = _as_uint8_chw(image)
+            image = as_uint8_chw(image)
         H, W = image_hw(image)
         u = density_uniforms(1, generator) if u is None else u.reshape(1, -1)
         crop, flip, _ = sample_density_crop_cpu(self.density(image_id).numpy(), (H, W), u.numpy()[0], self.cfg.scale,

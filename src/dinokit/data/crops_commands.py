@@ -86,14 +86,14 @@ def boxes(data: str = "synthetic", out: Path = Path("runs/boxes/boxes.json"), ba
     meta = {"backbone": bb.name, "weights": bb.weights_info, "block": block, "size": size,
             "autocontrast": autocontrast, "values": values, "outlier": outlier, "rule": rule,
             "threshold": threshold, "tau": tau, "box": box, "largest_component": largest_component,
-            "dinokit_version": C._dinokit_version(), "count": len(pred), "degenerate_ids": degenerate,
+            "dinokit_version": C.dinokit_version(), "count": len(pred), "degenerate_ids": degenerate,
             "data": data, "seed": seed}
     if rule == "fixed":
         meta["kernel"] = "max(3, floor(0.2 h)) x max(3, floor(0.2 w)), odd"
     C.write_box_json(out, pred, meta)
     stem = out.with_suffix("")
     if n_overlays > 0:
-        _overlays(stem.with_name(stem.name + ".overlays.png"), images[:n_overlays], ids[:n_overlays], pred,
+        draw_box_overlays(stem.with_name(stem.name + ".overlays.png"), images[:n_overlays], ids[:n_overlays], pred,
                   gts[:n_overlays] if gts else None)
     metrics: dict = {}
     if gts is not None:
@@ -113,7 +113,8 @@ def boxes(data: str = "synthetic", out: Path = Path("runs/boxes/boxes.json"), ba
     return 0
 
 
-def _overlays(path: Path, images: list, ids: list[str], pred: dict, gts: list | None) -> None:
+def draw_box_overlays(path: Path, images: list, ids: list[str], pred: dict, gts: list | None) -> None:
+    """Save a row of images with predicted (red, dashed) and ground-truth (green) ``[x, y, w, h]`` boxes."""
     import matplotlib
 
     matplotlib.use("Agg")

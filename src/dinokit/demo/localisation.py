@@ -10,7 +10,7 @@ import torch
 
 def run(ctx) -> dict[str, float | int | str]:
     from ..data import crops as C
-    from ..data.crops_commands import _overlays
+    from ..data.crops_commands import draw_box_overlays
     from ..eval.boxes import corloc, miou_box
     from ..methods import classifier as K
     from .foundation import demo_backbone, demo_scenes
@@ -38,7 +38,7 @@ def run(ctx) -> dict[str, float | int | str]:
         "boxes/baseline_centre_box_corloc": corloc(centre, main, fmt="xywh")["corloc"],
     }
     fig_boxes = ctx.figures / "localisation_pseudo_boxes.png"
-    _overlays(fig_boxes, images[:6], ids[:6], pred, gts[:6])
+    draw_box_overlays(fig_boxes, images[:6], ids[:6], pred, gts[:6])
     t_boxes = time.perf_counter() - t0
 
     # short classifier runs: one tiny timm ResNet per crop mode, same data, seed and schedule

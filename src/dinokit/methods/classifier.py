@@ -273,7 +273,7 @@ class CropDataset(Dataset):
 
         s = self.source[i]
         if not self.train:
-            return _normalise(self.val(C._as_uint8_chw(s.image))), s.label
+            return _normalise(self.val(C.as_uint8_chw(s.image))), s.label
         # PIL through the augmentations: its colour ops are ~15x faster than the tensor kernels on the CPU
         img = s.image if isinstance(s.image, Image.Image) else Image.fromarray(np.asarray(s.image))
         if self.colour is not None:
