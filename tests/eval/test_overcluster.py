@@ -65,3 +65,25 @@ def test_bad_inputs():
         overcluster(feats, bad, 4, ks=[4])
     with pytest.raises(ValueError, match="empty"):
         overcluster(torch.zeros(0, 2, 2, 4), torch.zeros(0, 2, 2, dtype=torch.long), 4, ks=[4])
+
+
+def test_oracle_permuted_noise_and_monotone():
+    from ._synthetic import noisy_oracle, stripes
+
+    cells, masks = stripes(24, seed=5)
+    assert overcluster(noisy_oracle(cells, 4, 0.01), masks, 4, ks=[4], seeds=(0,), nredo=3).metrics["k4/miou"] == 1.0
+    perm = torch.tensor([3, 0, 1, 2])
+    assert overcluster(noisy_oracle(perm[cells], 4, 0.01), masks, 4, ks=[4], seeds=(0,), nredo=3
+                       ).metrics["k4/miou"] == 1.0  # features of a permuted labelling: Hungarian undoes it
+    scores = [overcluster(noisy_oracle(cells, 4, s, seed=1), masks, 4, ks=[4], seeds=(0, 1), nredo=3
+                          ).metrics["k4/miou"] for s in (0.01, 0.3, 0.6, 1.2)]
+    assert all(a >= b for a, b in zip(scores, scores[1:], strict=False)) and scores[-1] < 0.5
+
+
+def test_ivf_backend_runs():
+    from dinokit.eval.hummingbird import knn_search
+
+    g = torch.Generator().manual_seed(0)
+    mem, q = torch.randn(2000, 16, generator=g), torch.randn(50, 16, generator=g)
+    s, i = knn_search(q, mem, 5, "ivf8-p8")  # nprobe = nlist: exhaustive, equals exact search
+    assert torch.equal(i, knn_search(q, mem, 5, "faiss-cpu")[1])
