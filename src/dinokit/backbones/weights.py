@@ -414,7 +414,7 @@ def _mismatch_text(where: str, name: str, arch: str, layout: str, raw: dict, mis
     else:
         lines.append(f"The checkpoint's shapes: {text}: no dinokit short name has these shapes; pass the timm "
                      "architecture name that matches.")
-    if any("reg_token" in k or "register_tokens" in k for k in unexpected):
+    if not shapes and any("reg_token" in k or "register_tokens" in k for k in unexpected):
         lines.append("To load register weights into a model without registers pass drop_registers=True.")
     return "\n".join(lines)
 
