@@ -163,8 +163,8 @@ def test_no_state_dict_lists_top_level_keys(tmp_path):
         load_backbone("tiny_dino", weights=str(path))
 
 
-@pytest.mark.parametrize("name", ["tiny_dinov2", "tiny_dinov2_reg"])
-def test_dinov2_official_round_trip(name, tmp_path):
+@pytest.mark.parametrize("name", ["tiny_dino", "tiny_dinov2", "tiny_dinov2_reg"])
+def test_official_round_trip(name, tmp_path):
     src = source(name)
     sd = to_official(src)
     torch.save(sd, tmp_path / "in.pth")
