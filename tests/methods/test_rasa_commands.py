@@ -78,11 +78,14 @@ def test_fit_synthetic_end_to_end(tmp_path):
     out = tmp_path / "run"
     rc = fit(backbone="tiny_dino", weights="random", synthetic=8, synthetic_size=64, crop_size=64, val_size=64,
              batch_size=4, epochs=1, lr=1e-2, max_stages=2, num_workers=0, accelerator="cpu", entropy=False,
-             out=out, seed=400)
+             overcluster=True, out=out, seed=400)
     assert rc == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["rasa/n_stages"] == 2 and m["rasa/stop_reason"] == "max_stages" and "meta" in m
-    assert {"rasa/stage1/val/mse", "rasa/stage1/val/chance", "rasa/stage1/val/cos_pe_removed"} <= set(m)
+    assert {"rasa/stage1/val/mse", "rasa/stage1/val/chance", "rasa/stage1/val/cos_pe_removed",
+            "rasa/stage1/val/feat-debiased/overcluster/fast100/in64/n8/k7/miou"} <= set(m)
+    assert m["rasa/stage1/val/feat-raw/overcluster/fast100/in64/n8/k7/miou"] == \
+        m["rasa/stage2/val/feat-raw/overcluster/fast100/in64/n8/k7/miou"]  # raw features do not change
     h = load_rasa_head(out / "rasa_head.safetensors")
     assert h.n_stages == 2 and json.loads(h.meta["stage_val_mse"]) == [m["rasa/stage1/val/mse"],
                                                                        m["rasa/stage2/val/mse"]]

@@ -25,7 +25,8 @@ def fit(backbone: str = "dinov2_vitb14", weights: str = "pretrained", data: Path
         normalize_std_typo: bool = False, shuffle: bool = True, val_size: int = 224, val_images: int | None = None,
         batch_size: int = 128, epochs: int = 5, lr: float = 2e-4, weight_decay: float = 0.0,
         stopping: str = "fixed", max_stages: int | None = None, min_stages: int = 1, rtol: float = 0.05,
-        audit: bool = True, entropy: bool = True, num_workers: int = 4, accelerator: str = "auto",
+        audit: bool = True, entropy: bool = True, overcluster: bool = True, overcluster_images: int = 160,
+        num_workers: int = 4, accelerator: str = "auto",
         devices: int = 1, strategy: str = "auto", backbone_precision: str = "fp32", device: str | None = None,
         resume: bool = True, seed: int = 0) -> int:
     """Fit a RASA head stage by stage on a frozen backbone (one fresh position regressor per stage).
@@ -62,6 +63,9 @@ def fit(backbone: str = "dinov2_vitb14", weights: str = "pretrained", data: Path
         rtol: relative tolerance of the chance rule (stop when MSE >= (1 - rtol) * chance).
         audit: train one extra, uncommitted probe on the final features and report it.
         entropy: report the spatial entropy se1 (K=100) of raw vs debiased validation tokens after each stage.
+        overcluster: report overclustering mIoU (K = 500, 300, C) of raw vs debiased tokens after each stage (only
+            when the validation set has masks).
+        overcluster_images: number of validation images clustered.
         num_workers: DataLoader workers.
         accelerator: Lightning accelerator (auto, cpu, gpu).
         devices: Lightning devices per node.
@@ -81,8 +85,10 @@ def fit(backbone: str = "dinov2_vitb14", weights: str = "pretrained", data: Path
         ImagesOnly,
         entropy_stage_metrics,
         fit_rasa_backbone,
+        overcluster_stage_metrics,
         rasa_train_transform,
         rasa_val_transform,
+        val_masks,
     )
 
     if data is None and synthetic <= 0:
@@ -105,11 +111,12 @@ def fit(backbone: str = "dinov2_vitb14", weights: str = "pretrained", data: Path
         val_src = open_dataset(val_data or data, split=val_split)
         train_name = f"{data}:{train_split}"
     else:
-        from ..data.synthetic import SyntheticScenes
+        from ..data.synthetic import SyntheticScenes, num_seg_classes
 
         train_src = SyntheticScenes(synthetic, (synthetic_size, synthetic_size), seed=seed)
         val_src = SyntheticScenes(max(8, synthetic // 4), (synthetic_size, synthetic_size), seed=seed + 1)
         train_name = f"synthetic:{synthetic}x{synthetic_size}"
+        val_src.num_classes, val_src.ignore_index = num_seg_classes(), 255
     if val_images is not None:
         from torch.utils.data import Subset
 
@@ -124,12 +131,28 @@ def fit(backbone: str = "dinov2_vitb14", weights: str = "pretrained", data: Path
         print(f"stage {rec.stage}: mse {rec.mse:.6f} chance {rec.chance:.6f} r2 {rec.r2:.4f} "
               + " ".join(f"{k.split('/')[-1]}={v:.4f}" for k, v in rec.metrics.items() if "cos" in k), flush=True)
 
+    hooks = []
+    if entropy:
+        hooks.append(entropy_stage_metrics(vsize))
+    masks = val_masks(val_src, overcluster_images, vsize) if overcluster else None
+    if masks is not None:
+        nc = int(getattr(val_src, "num_classes", 0) or getattr(getattr(val_src, "dataset", None), "num_classes", 0))
+        ign = getattr(val_src, "ignore_index", getattr(getattr(val_src, "dataset", None), "ignore_index", 255))
+        if nc > 0:
+            hooks.append(overcluster_stage_metrics(masks, nc, vsize, ignore_index=ign))
+
+    def stage_metrics(h, batches):
+        out = {}
+        for hook in hooks:
+            out.update(hook(h, batches))
+        return out
+
     res = fit_rasa_backbone(
         bb, train_ds, val_ds, batch_size=batch_size, epochs=epochs, lr=lr, weight_decay=weight_decay,
         stopping=stopping, max_stages=max_stages, min_stages=min_stages, rtol=rtol, audit=audit, seed=seed,
         out_dir=out, resume=resume, num_workers=num_workers, shuffle=shuffle, accelerator=accelerator,
         devices=devices, strategy=strategy, backbone_precision=backbone_precision,
-        stage_metrics=entropy_stage_metrics(vsize) if entropy else None, on_record=report)
+        stage_metrics=stage_metrics if hooks else None, on_record=report)
     metrics = res.summary()
     grid = vsize // bb.patch_size
     if res.head.n_stages:

@@ -293,3 +293,56 @@ def entropy_stage_metrics(in_size: int, dataset: str = "val", k: int = 100, seed
         return out
 
     return fn
+
+
+def overcluster_stage_metrics(masks: torch.Tensor, num_classes: int, in_size: int, dataset: str = "val",
+                              ks: Sequence[int | None] = (500, 300, None), seeds: Sequence[int] = (1,),
+                              ignore_index: int | None = 255
+                              ) -> Callable[[RASAHead, list[torch.Tensor]], dict[str, float]]:
+    """Per-stage overclustering mIoU of raw vs debiased tokens of the first ``len(masks)`` val images.
+
+    ``masks``: (n, S, S) int64 labels at the validation size. Runs dinokit's ``fast100`` pipeline (standardise,
+    PCA-50, faiss k-means, 100x100 evaluation; ``None`` in ``ks`` = the number of classes, Hungarian) - not the
+    ``train100`` pixel-upsampled variant of spec §8. Keys
+    ``{dataset}/feat-{raw|debiased}/overcluster/fast100/in{S}/n{n}/k{K}/miou``. The raw score is computed once.
+    """
+    from ..eval.overcluster import overcluster
+
+    n = int(masks.shape[0])
+    cache: dict[str, dict[str, float]] = {}
+
+    def fn(head: RASAHead, batches: list[torch.Tensor]) -> dict[str, float]:
+        raw = torch.cat(batches)[:n]
+        tokens = raw.shape[0] * raw.shape[1] * raw.shape[2]
+        kk = sorted({num_classes if k is None else int(k) for k in ks} & set(range(1, tokens + 1)), reverse=True)
+        out: dict[str, float] = {}
+        for name in ("raw", "debiased"):
+            if name in cache:
+                out.update(cache[name])
+                continue
+            feats = raw if name == "raw" else head(raw)
+            r = overcluster(feats, masks[:raw.shape[0]], num_classes, ks=kk, seeds=tuple(seeds),
+                            ignore_index=ignore_index)
+            m = {f"{dataset}/feat-{name}/overcluster/fast100/in{in_size}/n{raw.shape[0]}/k{k}/miou":
+                 r.metrics[f"k{k}/miou"] for k in kk}
+            if name == "raw":
+                cache[name] = m
+            out.update(m)
+        return out
+
+    return fn
+
+
+def val_masks(source, n: int, size: int) -> torch.Tensor | None:
+    """(n', size, size) int64 nearest-resized masks of the first ``n`` items of ``source``; None without masks."""
+    import torch.nn.functional as F
+
+    out = []
+    for i in range(min(n, len(source))):
+        item = source[i]
+        m = item.get("mask") if isinstance(item, dict) else getattr(item, "mask", None)
+        if m is None:
+            return None
+        t = torch.as_tensor(np.asarray(m, dtype=np.int64))[None, None].double()
+        out.append(F.interpolate(t, size=(size, size), mode="nearest")[0, 0].long())
+    return torch.stack(out) if out else None
