@@ -339,3 +339,36 @@ def test_fit_and_export_round_trip(tmp_path: Path) -> None:
         assert not torch.equal(teacher.eval().forward_features(x).patch, ref)
     with pytest.raises(FileNotFoundError, match="neco fit"):
         export(tmp_path / "missing.ckpt")
+
+
+PUBLISHED = {  # config: (backbone, batch, epochs, lr_backbone, references, global size) of spec §11
+    "dinov2_vits14": ("dinov2_vits14", 64, 25, 1e-5, "queue", 518),
+    "dinov2r_vits14": ("dinov2_vits14_reg", 64, 25, 1e-5, "queue", 518),
+    "dinov2r_xr_vits14": ("dinov2_vits14", 64, 25, 1e-5, "queue", 518),
+    "dinov2_vitb14": ("dinov2_vitb14", 16, 25, 5e-6, "queue", 518),
+    "dinov2r_vitb14": ("dinov2_vitb14_reg", 16, 25, 1e-6, "queue", 518),
+    "dinov2r_xr_vitb14": ("dinov2_vitb14", 16, 25, 1e-6, "queue", 518),
+    "dino_vits16": ("dino_vits16", 45, 50, 1e-5, "batch", 224),
+    "ablation_224": ("dinov2_vits14_reg", 55, 50, 1e-6, "batch", 224),
+}
+
+
+@pytest.mark.parametrize("name", [*PUBLISHED, "tiny"])
+def test_configs_match_the_published_settings(name: str) -> None:
+    import inspect
+
+    import yaml
+
+    from dinokit.methods.neco_commands import fit
+
+    path = Path(__file__).parents[2] / "configs" / "neco" / f"{name}.yaml"
+    cfg = yaml.safe_load(path.read_text())
+    assert set(cfg) <= set(inspect.signature(fit).parameters), set(cfg) - set(inspect.signature(fit).parameters)
+    if name == "tiny":
+        return
+    bb, B, ep, lr, ref, g = PUBLISHED[name]
+    assert (cfg["backbone"], cfg["batch_size"], cfg["epochs"], cfg["reference_source"]) == (bb, B, ep, ref)
+    assert cfg["lr_backbone"] == pytest.approx(lr) and cfg["sizes"] == [g, 98] and cfg["lr_head"] == 1e-4
+    assert (cfg["roi_size"], cfg["queue_length"], cfg["head_dim"], cfg["seed"]) == (7, 8192, 256, 400)
+    assert cfg.get("drop_registers", False) == ("xr" in name)
+    assert cfg["pos_interp"] == ("offset" if name.startswith("dinov2r") else "official")
