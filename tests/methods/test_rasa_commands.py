@@ -92,3 +92,16 @@ def test_fit_synthetic_end_to_end(tmp_path):
     assert torch.equal(load_rasa_head(out / "rasa_head.pth").stage_weights, h.stage_weights)
     assert (out / "curve.png").is_file() and json.loads((out / "curve.json").read_text())["stage"] == [1, 2, 3]
     assert np.isfinite(m["rasa/final/val/mse"])
+
+
+def test_fit_reads_a_voc_layout(tmp_path):
+    from dinokit.data.layouts import write_voc_layout
+
+    write_voc_layout(tmp_path / "voc", n_train=8, n_val=8, size=(64, 64), image_format="png")
+    out = tmp_path / "run"
+    assert fit(backbone="tiny_dino", weights="random", data=tmp_path / "voc", train_split="trainaug",
+               val_split="val", crop_size=64, val_size=64, batch_size=4, epochs=1, max_stages=1, audit=False,
+               num_workers=0, accelerator="cpu", entropy=False, out=out) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["rasa/n_stages"] == 1 and "rasa/stage1/val/feat-debiased/overcluster/fast100/in64/n8/k7/miou" in m
+    assert m["meta"]["config"]["train_split"] == "trainaug"
