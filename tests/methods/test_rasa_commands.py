@@ -105,3 +105,21 @@ def test_fit_reads_a_voc_layout(tmp_path):
     m = json.loads((out / "metrics.json").read_text())
     assert m["rasa/n_stages"] == 1 and "rasa/stage1/val/feat-debiased/overcluster/fast100/in64/n8/k7/miou" in m
     assert m["meta"]["config"]["train_split"] == "trainaug"
+
+
+def test_apply_on_dinokit_features_output(tmp_path):
+    from PIL import Image
+
+    from dinokit.backbones.commands import features
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "imgs").mkdir()
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "imgs" / f"{i}.png")
+    assert features(data=tmp_path / "imgs", out=tmp_path / "feats", backbone="tiny_dino", weights="random", size=64,
+                    num_workers=0, shard_size=2) == 0
+    raw = load_feature_dir(tmp_path / "feats")
+    head = RASAHead(raw.patch.shape[-1], stage_weights=torch.randn(2, 2, raw.patch.shape[-1]))
+    assert apply(head.save(tmp_path / "h.pth"), tmp_path / "feats", tmp_path / "deb") == 0
+    deb = load_feature_dir(tmp_path / "deb")
+    assert (deb.patch - head(raw.patch)).abs().max() <= 1e-5 and deb.image_ids == raw.image_ids
