@@ -7,6 +7,7 @@ import time
 import torch
 
 from ..methods.repalign_example import format_table, run_restoration, scene_tensors
+from ..viz import save_grid
 from .foundation import demo_backbone, demo_scenes
 
 
@@ -38,7 +39,7 @@ def run(ctx) -> dict[str, float | int | str]:
     try:
         with torch.random.fork_rng():
             rows = run_restoration(bb.model, bb.mean, bb.std, train, test, sigma=0.1, steps=steps, batch=8,
-                                   lr=3e-3, weight=0.1, seed=ctx.seed, width=16)
+                                   lr=3e-3, weight=0.1, seed=ctx.seed, width=16, keep=3)
     finally:
         torch.set_num_threads(threads)
     table = format_table(rows)
@@ -49,7 +50,15 @@ def run(ctx) -> dict[str, float | int | str]:
             f"RepAlign term aligns the activations of an untrained network, so its effect here says nothing about a "
             f"pretrained DINO teacher. PSNR and teacher-feature cosine on {len(test)} held-out noisy scenes. "
             f"Short run: the numbers are noisy; see examples/repalign_restoration.py for a longer one.")
-    ctx.section("RepAlign perceptual loss (denoising)", text,
+    def rgb(t):
+        return t.permute(1, 2, 0).cpu().numpy()
+
+    panels = [[rgb(test[i])] + [rgb(r.examples[i]) for r in rows.values()] for i in range(min(3, len(test)))]
+    titles = [["clean"] + [f"{name} {psnr_db:.1f} dB" for name, psnr_db in
+                           ((n, float(-10 * ((r.examples[i] - test[i]) ** 2).mean().log10())) for n, r in rows.items())]
+              for i in range(len(panels))]
+    fig = save_grid(ctx.figures / "repalign_denoising.png", panels, titles)
+    ctx.section("RepAlign perceptual loss (denoising)", text, [fig],
                 table={f"{name} {k}": round(v, 4) for name, r in rows.items()
                        for k, v in (("PSNR dB", r.psnr), ("teacher cos", r.teacher_cos))})
     out: dict[str, float | int | str] = {"teacher": teacher_text.split(" ")[0], "steps": steps,

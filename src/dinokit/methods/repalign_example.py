@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -102,24 +102,28 @@ def train_denoiser(clean: Tensor, sigma: float, loss_fn: Callable[[Tensor, Tenso
 
 @dataclass
 class RestorationRow:
+    """Held-out results of one training loss; ``examples``: the first ``keep`` restored images (or None)."""
+
     psnr: float
     teacher_cos: float
     seconds: float = 0.0
+    examples: Tensor | None = field(default=None, repr=False)
 
 
 def run_restoration(teacher: nn.Module, mean: tuple[float, ...], std: tuple[float, ...], train_clean: Tensor,
                     test_clean: Tensor, *, sigma: float = 0.1, steps: int = 200, batch: int = 16, lr: float = 2e-3,
-                    weight: float = 0.1, seed: int = 0, width: int = 32, repalign_kwargs: dict | None = None
-                    ) -> dict[str, RestorationRow]:
+                    weight: float = 0.1, seed: int = 0, width: int = 32, repalign_kwargs: dict | None = None,
+                    keep: int = 0) -> dict[str, RestorationRow]:
     """Train with L1 and with L1 + ``weight`` * RepAlign (same seed, steps, data); evaluate on noisy ``test_clean``.
 
-    Returns rows ``"noisy input"``, ``"L1"`` and ``"L1+RepAlign"``.
+    Returns rows ``"noisy input"``, ``"L1"`` and ``"L1+RepAlign"`` (each keeping its first ``keep`` images).
     """
     teacher = teacher.to(train_clean.device).eval()
     norm = TeacherInput(mean, std).to(train_clean.device)
     test_noisy = add_noise(test_clean, sigma, seed + 12345)
     rows = {"noisy input": RestorationRow(psnr(test_noisy, test_clean),
-                                          teacher_cosine(teacher, norm, test_noisy, test_clean))}
+                                          teacher_cosine(teacher, norm, test_noisy, test_clean),
+                                          examples=test_noisy[:keep].clamp(0, 1) if keep else None)}
     with RepAlignLoss(teacher, norm, **(repalign_kwargs or {})) as ra:
         losses: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
             "L1": lambda p, t: F.l1_loss(p, t),
@@ -132,7 +136,8 @@ def run_restoration(teacher: nn.Module, mean: tuple[float, ...], std: tuple[floa
             dt = time.perf_counter() - t0
             with torch.no_grad():
                 pred = torch.cat([model(test_noisy[i:i + 32]) for i in range(0, len(test_noisy), 32)])
-            rows[name] = RestorationRow(psnr(pred, test_clean), teacher_cosine(teacher, norm, pred, test_clean), dt)
+            rows[name] = RestorationRow(psnr(pred, test_clean), teacher_cosine(teacher, norm, pred, test_clean), dt,
+                                        pred[:keep].clamp(0, 1) if keep else None)
     return rows
 
 
