@@ -44,7 +44,8 @@ def run(ctx) -> dict[str, float | int | str]:
     # short classifier runs: one tiny timm ResNet per crop mode, same data, seed and schedule
     size = max(32, (ctx.image_size * 3 // 4) // 8 * 8)
     epochs = 1 if ctx.quick else 3
-    tr_src, va_src = K.SceneSource(train), K.SceneSource(val)
+    n_cls = 32 if ctx.quick else len(train)
+    tr_src, va_src = K.SceneSource(items[:n_cls]), K.SceneSource(val)
     dens = C.OnlineDensityCrops(bb, size, C.DensityConfig(att_size=ctx.image_size, canvas=ctx.image_size),
                                 seed=ctx.seed)
     modes = {"rrc": dict(mode="rrc"), "localized_gt": dict(mode="localized"),
@@ -75,7 +76,7 @@ def run(ctx) -> dict[str, float | int | str]:
         f"pseudo-boxes are a pipeline check, not a localisation result. {len(ids)} fine-grained scenes "
         f"({W}x{H}); box rule: last-block CLS attention, log values, outlier removal, box filter, fixed threshold "
         f"0.708, centroid box, in original pixels; {t_boxes:.1f} s. Compare with the whole-image and centre-box "
-        f"baselines. Classifier: a tiny random-init resnet10t (width 8-64), {epochs} epoch(s) on {len(train)} "
+        f"baselines. Classifier: a tiny random-init resnet10t (width 8-64), {epochs} epoch(s) on {n_cls} "
         f"scenes, {size}px crops, crop modes rrc / localized (true main-object boxes) / localized (pseudo-boxes) / "
         f"density (online, batched, one demo_vit forward per batch). Chance is 0.2; {len(val)} validation scenes "
         f"(binomial s.e. at chance {se:.3f}); {verdict}.",
