@@ -52,8 +52,10 @@ def evaluate_features(tf: torch.Tensor, tm: torch.Tensor, vf: torch.Tensor, vm: 
     seeds = (seed,) if quick else (seed, seed + 1, seed + 2)
     ks = [c, 3 * c]
     oc = overcluster(vf, vm, c, ks=ks, seeds=seeds, niter=50, nredo=1 if quick else 2, eval_size=vm.shape[-1])
-    lp = linear_probe(tf, tm, vf, vm, c, lrs=(0.01, 0.1, 1.0), epochs=8 if quick else 25, batch_size=16,
-                      eval_size=None, seed=seed, eval_every=2 if quick else 5)
+    steps_per_epoch = max(1, tf.shape[0] // 16)
+    epochs = -(-(40 if quick else 100) // steps_per_epoch)  # ~40 / 100 SGD steps of 16 images
+    lp = linear_probe(tf, tm, vf, vm, c, lrs=(0.01, 0.1, 1.0), epochs=epochs, batch_size=16, eval_size=None,
+                      seed=seed, eval_every=max(1, epochs // 5))
     hb = hummingbird(tf, tm, vf, vm, c, k=30, memory_size=None, seed=seed, n_examples=4)
     pp = position_probe(tf, vf, lr=1e-2, epochs=10 if quick else 40, batch_size=16, seed=seed)
     pr = position_probe(tf, vf, probe="ridge")
