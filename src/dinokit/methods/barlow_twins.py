@@ -386,14 +386,24 @@ def _make_lightning_module():
             from ..backbones import load_backbone
 
             bb = load_backbone(backbone, weights=weights, model_kwargs=model_kwargs)
-            self.backbone = bb
             self.model = BarlowTwins(bb, projector, pool, lambd, norm, eps)
-            self.criterion = self.model.criterion
 
-        def on_fit_start(self) -> None:
-            world = self.trainer.world_size
-            if world > 1 and self.device.type != "cuda":
-                self.model.projector = convert_batchnorm(self.model.projector, "cpu")  # CUDA: Trainer(sync_batchnorm)
+        @property
+        def backbone(self):
+            """The dinokit Backbone being trained (``model.backbone``; stored once in the checkpoint)."""
+            return self.model.backbone
+
+        @property
+        def criterion(self) -> BarlowTwinsLoss:
+            return self.model.criterion
+
+        def setup(self, stage: str) -> None:
+            # before the optimisers and the DDP wrapper exist: make every BatchNorm global-batch on non-CUDA DDP
+            # (CUDA DDP: Trainer(sync_batchnorm=True) converts to nn.SyncBatchNorm)
+            trainer = self.trainer
+            if trainer.world_size > 1 and trainer.strategy.root_device.type != "cuda":
+                self.model.projector = convert_batchnorm(self.model.projector, "cpu")
+                self.model.backbone = convert_batchnorm(self.model.backbone, "cpu")
 
         def _step(self, batch, stage: str) -> torch.Tensor:
             x1, x2 = batch[0], batch[1]

@@ -28,7 +28,8 @@ def fit(data: str = "synthetic", out: Path = Path("runs/bt"), backbone: str = "d
         num_workers: int = 0, figures: bool = True, erf: bool = True, every_n_epochs: int = 1,
         accelerator: str = "cpu", devices: int = 1, precision: str = "32-true", synthetic_n: int = 64,
         synthetic_size: int = 64, resume: Path | None = None, seed: int = 0) -> int:
-    """Barlow Twins pretraining; writes checkpoints, figures, ``backbone.safetensors`` and ``results.json``.
+    """Barlow Twins pretraining; writes checkpoints, figures, ``backbone_init.safetensors`` (the starting weights),
+    ``backbone.safetensors`` (the trained backbone, loadable with ``--weights``) and ``results.json``.
 
     The global batch is batch_size x devices (embeddings are all-gathered under DDP); a global batch below 64 warns.
 
@@ -108,6 +109,8 @@ def fit(data: str = "synthetic", out: Path = Path("runs/bt"), backbone: str = "d
         callbacks.append(cbs.ERFCallback(every_n_epochs=every_n_epochs))
     trainer = pl.Trainer(**trainer_kwargs(accelerator, devices, precision, max_epochs, out, max_steps),
                          callbacks=callbacks)
+    if not resume and trainer.is_global_zero:  # the starting point, for before/after comparisons
+        export_backbone(bb, out / "backbone_init.safetensors")
     trainer.fit(module, train_dl, val_dl, ckpt_path=str(resume) if resume else None)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if trainer.is_global_zero:

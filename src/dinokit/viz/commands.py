@@ -23,9 +23,14 @@ def load_checkpoint_backbone(checkpoint: Path | None, backbone: str, weights: st
     ck = torch.load(path, map_location="cpu", weights_only=False)
     hp = ck.get("hyper_parameters", {})
     name = hp.get("backbone", backbone)
-    sd = {k[len("backbone.model."):]: v for k, v in ck.get("state_dict", {}).items() if k.startswith("backbone.model.")}
+    sd: dict = {}
+    for prefix in ("model.backbone.model.", "backbone.model."):  # bt fit, seg fit
+        sd = {k[len(prefix):]: v for k, v in ck.get("state_dict", {}).items() if k.startswith(prefix)}
+        if sd:
+            break
     if not sd:
-        raise ValueError(f"{path} holds no backbone.model.* weights; is it a dinokit bt/seg checkpoint?")
+        raise ValueError(f"{path} holds no backbone weights (model.backbone.model.* or backbone.model.*); is it a "
+                         "dinokit bt/seg checkpoint?")
     bb = load_backbone(name, weights="random", model_kwargs=hp.get("model_kwargs"))
     missing, unexpected = bb.model.load_state_dict(sd, strict=False)
     if missing or unexpected:
