@@ -83,9 +83,9 @@ def test_fit_synthetic_end_to_end(tmp_path):
     m = json.loads((out / "metrics.json").read_text())
     assert m["rasa/n_stages"] == 2 and m["rasa/stop_reason"] == "max_stages" and "meta" in m
     assert {"rasa/stage1/val/mse", "rasa/stage1/val/chance", "rasa/stage1/val/cos_pe_removed",
-            "rasa/stage1/val/feat-debiased/overcluster/fast100/in64/n8/k7/miou"} <= set(m)
-    assert m["rasa/stage1/val/feat-raw/overcluster/fast100/in64/n8/k7/miou"] == \
-        m["rasa/stage2/val/feat-raw/overcluster/fast100/in64/n8/k7/miou"]  # raw features do not change
+            "rasa/stage1/synthetic/feat-debiased/overcluster/fast100/in64/n8/k7/miou"} <= set(m)
+    assert m["rasa/stage1/synthetic/feat-raw/overcluster/fast100/in64/n8/k7/miou"] == \
+        m["rasa/stage2/synthetic/feat-raw/overcluster/fast100/in64/n8/k7/miou"]  # raw features do not change
     h = load_rasa_head(out / "rasa_head.safetensors")
     assert h.n_stages == 2 and json.loads(h.meta["stage_val_mse"]) == [m["rasa/stage1/val/mse"],
                                                                        m["rasa/stage2/val/mse"]]
@@ -103,7 +103,7 @@ def test_fit_reads_a_voc_layout(tmp_path):
                val_split="val", crop_size=64, val_size=64, batch_size=4, epochs=1, max_stages=1, audit=False,
                num_workers=0, accelerator="cpu", entropy=False, out=out) == 0
     m = json.loads((out / "metrics.json").read_text())
-    assert m["rasa/n_stages"] == 1 and "rasa/stage1/val/feat-debiased/overcluster/fast100/in64/n8/k7/miou" in m
+    assert m["rasa/n_stages"] == 1 and "rasa/stage1/voc/feat-debiased/overcluster/fast100/in64/n8/k7/miou" in m
     assert m["meta"]["config"]["train_split"] == "trainaug"
 
 

@@ -132,14 +132,16 @@ def fit(backbone: str = "dinov2_vitb14", weights: str = "pretrained", data: Path
               + " ".join(f"{k.split('/')[-1]}={v:.4f}" for k, v in rec.metrics.items() if "cos" in k), flush=True)
 
     hooks = []
+    base = getattr(val_src, "dataset", val_src)
+    dkey = getattr(base, "key", None) or ("synthetic" if data is None else "val")  # key grammar: <dataset>/feat-...
     if entropy:
-        hooks.append(entropy_stage_metrics(vsize))
+        hooks.append(entropy_stage_metrics(vsize, dataset=dkey))
     masks = val_masks(val_src, overcluster_images, vsize) if overcluster else None
     if masks is not None:
-        nc = int(getattr(val_src, "num_classes", 0) or getattr(getattr(val_src, "dataset", None), "num_classes", 0))
-        ign = getattr(val_src, "ignore_index", getattr(getattr(val_src, "dataset", None), "ignore_index", 255))
+        nc = int(getattr(base, "num_classes", 0) or 0)
         if nc > 0:
-            hooks.append(overcluster_stage_metrics(masks, nc, vsize, ignore_index=ign))
+            hooks.append(overcluster_stage_metrics(masks, nc, vsize, dataset=dkey,
+                                                   ignore_index=getattr(base, "ignore_index", 255)))
 
     def stage_metrics(h, batches):
         out = {}
