@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from dinokit.methods.rasa import RASAHead, chance_mse, fit_rasa_features, flip_views, load_rasa_head, stage_curve
+from dinokit.methods.rasa import RASAHead, chance_mse, fit_rasa_features, load_rasa_head, stage_curve
 
 H = W = 8
 D = 32
@@ -75,7 +75,7 @@ class _Killed(Exception):
 
 
 def test_resume_after_kill_matches_uninterrupted(tmp_path):
-    kw = dict(stopping="fixed", max_stages=3, steps=60, train_views=flip_views)
+    kw = dict(stopping="fixed", max_stages=3, steps=60)
     full = _fit(True, **kw)
     calls = []
 

@@ -808,9 +808,10 @@ def fit_rasa_features(train: torch.Tensor, val: torch.Tensor, *, stopping: str =
     """Fit a RASA head on precomputed tokens: ``train`` (M, h, w, D), ``val`` (V, h', w', D).
 
     Each stage trains a fresh probe for ``steps`` AdamW steps on shuffled batches of ``batch_size`` images
-    (order seeded ``seed + t``), optionally through ``train_views(batch, generator)`` (e.g. random flips of the
-    token grid, which keep the targets fixed and break content-position correlation). The stopping rule, audit and
-    checkpoints are those of :func:`run_stages`.
+    (order seeded ``seed + t``), optionally through ``train_views(batch, generator)``. Content-position
+    decorrelation must happen on the images (flips/rotations before the backbone, e.g. several augmented views per
+    image): flipping a token grid would move the position embedding with the token and destroy the very signal
+    being removed. The stopping rule, audit and checkpoints are those of :func:`run_stages`.
     """
     if train.ndim != 4 or val.ndim != 4:
         raise ValueError(f"train/val tokens must be (M, h, w, D), got {tuple(train.shape)} and {tuple(val.shape)}")
@@ -834,17 +835,6 @@ def fit_rasa_features(train: torch.Tensor, val: torch.Tensor, *, stopping: str =
 
     return run_stages(head, train_probe, validate, stopping=stopping, max_stages=max_stages, min_stages=min_stages,
                       rtol=rtol, audit=audit, seed=seed, out_dir=out_dir, resume=resume, on_record=on_record)
-
-
-def flip_views(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Random per-image horizontal/vertical flips of token grids (B, h, w, D) (p 0.5 each)."""
-    B = x.shape[0]
-    hf = torch.rand(B, generator=g) < 0.5
-    vf = torch.rand(B, generator=g) < 0.5
-    x = x.clone()
-    x[hf] = x[hf].flip(2)
-    x[vf] = x[vf].flip(1)
-    return x
 
 
 def stage_curve(records: list[StageRecord], path_png: Path, path_json: Path, title: str = "RASA") -> None:
