@@ -32,6 +32,7 @@ def test_maiou_curve_command(tmp_path, capsys):
     assert main(["crops", "maiou-curve", "--n_images", "300", "--thr", "0,1", "--out", str(tmp_path)]) == 0
     res = json.loads((tmp_path / "maiou_curve.json").read_text())
     assert res["maiou/synthetic/thr1"] > 0.99 and 0.4 < res["maiou/synthetic/thr0"] < 0.6
+    assert 0.5 < res["maiou/synthetic/rrc"] < 0.7  # plain RandomResizedCrop: ~0.60 on this set
     assert (tmp_path / "maiou_curve.png").is_file()
     main(["crops", "maiou-curve", "--maiou", "0.75"])
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["thr"] == pytest.approx(0.5 ** 2.5)

@@ -199,8 +199,11 @@ def maiou_curve(boxes: str = "synthetic", data: str | None = None, thr: str = "0
             table = C.read_box_json(boxes, ids)
             bx = [table[i] for i in ids]
     curve = {t: C.maiou(bx, sizes, t, seed=seed) for t in thrs}
+    rrc = _rrc_maiou(bx, sizes, seed)
     out = Path(out)
-    res = {f"maiou/{boxes if boxes in ('synthetic', 'gt') else 'file'}/thr{t:g}": v for t, v in curve.items()}
+    tag = boxes if boxes in ("synthetic", "gt") else "file"
+    res = {f"maiou/{tag}/thr{t:g}": v for t, v in curve.items()}
+    res[f"maiou/{tag}/rrc"] = rrc
     res["meta"] = run_metadata({"boxes": boxes, "data": data, "thr": thrs, "n_images": len(bx), "seed": seed},
                                "maiou")
     atomic_write_text(out / "maiou_curve.json", json.dumps(res, indent=1, default=str))
@@ -215,6 +218,7 @@ def maiou_curve(boxes: str = "synthetic", data: str | None = None, thr: str = "0
     xs = np.linspace(0, 1, 101)
     ax.plot(xs, C.maiou_fit(xs), ":", label="fit 0.5 + thr^0.4 / 2")
     ax.plot(list(curve), list(curve.values()), "s--", label=f"measured ({boxes}, n={len(bx)})")
+    ax.axhline(rrc, color="grey", lw=0.8, label=f"plain RandomResizedCrop ({rrc:.3f})")
     ax.set_xlabel("thr")
     ax.set_ylabel("maIoU")
     ax.legend(fontsize=7)
@@ -222,8 +226,24 @@ def maiou_curve(boxes: str = "synthetic", data: str | None = None, thr: str = "0
     with atomic_path(out / "maiou_curve.png") as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    print(json.dumps({f"{t:g}": round(v, 4) for t, v in curve.items()}))
+    print(json.dumps({**{f"{t:g}": round(v, 4) for t, v in curve.items()}, "rrc": round(rrc, 4)}))
     return 0
+
+
+def _rrc_maiou(bx: list, sizes: list, seed: int) -> float:
+    """maIoU of torchvision's RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3) on the same boxes, one crop each."""
+    import numpy as np
+    import torch
+    from torchvision.transforms import RandomResizedCrop
+
+    from ..eval.boxes import maiou as mean_aiou
+
+    torch.manual_seed(seed)
+    crops = []
+    for H, W in sizes:
+        top, left, h, w = RandomResizedCrop.get_params(torch.empty(1, H, W), [0.08, 1.0], [3 / 4, 4 / 3])
+        crops.append([left, top, w, h])
+    return mean_aiou(np.asarray(crops, np.float64), [np.asarray([b], np.float64) for b in bx], fmt="xywh")
 
 
 def density_cache(data: str = "synthetic", out: Path = Path("runs/density_cache.safetensors"),
