@@ -138,12 +138,14 @@ class _SoftSortFn(torch.autograd.Function):
             b.copy_(nb)
         X = _identity(n, N, M, x)
         checkpoints = []
+        keep = ctx.needs_input_grad[0]  # no checkpoints when nothing will be back-propagated (teacher)
         for i, L in enumerate(layers):  # the running matrix, linear for fixed alphas
-            if i % segment == 0 and i:
+            if keep and i % segment == 0 and i:
                 checkpoints.append(X.clone())
             _, c2 = _weights(alphas[i], co.sigma[i], co.ident[i])
             _mix_(X, L, c2.unsqueeze(-1))
-        ctx.save_for_backward(*alphas, *diffs, *checkpoints)
+        if keep:
+            ctx.save_for_backward(*alphas, *diffs, *checkpoints)
         ctx.meta = (steepness, net, segment, n, N, len(layers))
         return v[N - n:].t(), X[N - n:].permute(1, 2, 0)
 
