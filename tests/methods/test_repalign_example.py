@@ -93,3 +93,14 @@ def test_streamed_loss_keeps_less_than_two_lists():
         naive.add(t)
     assert abs(lo.item() - ln.item()) < 1e-6
     assert sum(ours.storages.values()) <= 0.7 * sum(naive.storages.values())
+
+
+def test_demo_stage_uses_a_cached_trained_teacher_without_freezing_it(tmp_path):
+    from dinokit.demo import repalign
+
+    ctx = DemoContext(tmp_path, seed=0, n_images=16, image_size=32, device="cpu", quick=True)
+    cached = load_backbone("demo_vit", "random")
+    ctx.cache["bt_backbone"] = cached
+    out = repalign.run(ctx)
+    assert out["weights"] == "trained" and "Barlow Twins" in ctx.sections[-1].text
+    assert all(p.requires_grad for p in cached.parameters())  # the stage trained against a copy

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 
 import torch
@@ -10,23 +11,33 @@ from ..methods.repalign_example import format_table, run_restoration, scene_tens
 from ..viz import save_grid
 from .foundation import demo_backbone, demo_scenes
 
+# backbones trained by earlier demo stages (from random init), by preference
+TRAINED_KEYS = {"bt_backbone": "the demo ViT after the barlow stage's short Barlow Twins training",
+                "neco_backbone": "the demo ViT after the neco stage's short NeCo training"}
+
 
 def _teacher(ctx):
-    """A trained backbone from an earlier stage if one is cached (not random weights), else the random demo ViT."""
+    """(backbone copy, description, trained?): a backbone trained by an earlier stage if cached, else the random one.
+
+    A copy, because RepAlignLoss freezes its teacher and the cached model belongs to other stages.
+    """
+    for key, text in TRAINED_KEYS.items():
+        bb = ctx.cache.get(key)
+        if bb is not None and hasattr(bb, "model") and ctx.image_size % bb.patch_size == 0:
+            return copy.deepcopy(bb), f"{text} (ctx.cache[{key!r}]; a few dozen steps, still weak)", True
     for key, value in ctx.cache.items():
         info = getattr(value, "weights_info", None)
         if hasattr(value, "model") and isinstance(info, dict) and info.get("source") not in (None, "random") \
                 and getattr(value, "patch_size", 0) and ctx.image_size % value.patch_size == 0:
-            return value, f"the trained backbone cached by an earlier stage ({key!r}, {info.get('source')})"
+            return copy.deepcopy(value), f"the backbone cached as {key!r} ({info.get('source')} weights)", True
     bb = ctx.cache.get("backbone")
-    if bb is None:
-        bb = demo_backbone(ctx)
-    return bb, f"{bb.name} with RANDOM initialisation (no trained teacher in the cache)"
+    bb = demo_backbone(ctx) if bb is None else copy.deepcopy(bb)
+    return bb, f"{bb.name} with RANDOM initialisation (no trained teacher in the cache)", False
 
 
 def run(ctx) -> dict[str, float | int | str]:
     t0 = time.perf_counter()
-    bb, teacher_text = _teacher(ctx)
+    bb, teacher_text, trained = _teacher(ctx)
     steps = 8 if ctx.quick else 40
     n_test = 8 if ctx.quick else 16
     train = scene_tensors(demo_scenes(ctx, "train"), ctx.device)
@@ -46,9 +57,10 @@ def run(ctx) -> dict[str, float | int | str]:
     ctx.log(table)
     text = (f"Denoising (Gaussian noise, sigma 0.1 on [0, 1] images) with a tiny residual CNN, trained {steps} steps "
             f"(batch 8) on {len(train)} synthetic scenes with L1 alone and with L1 + 0.1 RepAlign (group mode, "
-            f"g = 2, every Conv2d/Linear of the teacher). Teacher: {teacher_text}; with random weights the "
-            f"RepAlign term aligns the activations of an untrained network, so its effect here says nothing about a "
-            f"pretrained DINO teacher. PSNR and teacher-feature cosine on {len(test)} held-out noisy scenes. "
+            f"g = 2, every Conv2d/Linear of the teacher). Teacher: {teacher_text}. "
+            + ("" if trained else "With random weights the RepAlign term aligns the activations of an untrained "
+               "network, so its effect here says nothing about a pretrained DINO teacher. ")
+            + f"PSNR and teacher-feature cosine on {len(test)} held-out noisy scenes. "
             f"Short run: the numbers are noisy; see examples/repalign_restoration.py for a longer one.")
     def rgb(t):
         return t.permute(1, 2, 0).cpu().numpy()
@@ -61,8 +73,8 @@ def run(ctx) -> dict[str, float | int | str]:
     ctx.section("RepAlign perceptual loss (denoising)", text, [fig],
                 table={f"{name} {k}": round(v, 4) for name, r in rows.items()
                        for k, v in (("PSNR dB", r.psnr), ("teacher cos", r.teacher_cos))})
-    out: dict[str, float | int | str] = {"teacher": teacher_text.split(" ")[0], "steps": steps,
-                                         "weights": "random" if "RANDOM" in teacher_text else "trained"}
+    out: dict[str, float | int | str] = {"teacher": bb.name, "steps": steps,
+                                         "weights": "trained" if trained else "random"}
     for name, r in rows.items():
         key = name.replace(" ", "_").replace("+", "_")
         out[f"{key}/psnr"] = round(r.psnr, 3)

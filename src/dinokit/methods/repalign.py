@@ -105,13 +105,16 @@ def _group_fwd_kernel(v: Tensor, y_hat: Tensor, eps: float) -> Tensor:
     return 0.5 * (v * _inv_norm(v, eps)[1] - y_hat).square().sum()
 
 
-def _group_bwd_kernel(v: Tensor, y_hat: Tensor, eps: float) -> Tensor:
-    """dS/dv = (r - x^ (x^.r)) / |v| for |v| > eps, r / eps otherwise, with r = x^ - y^."""
+def _group_bwd_kernel(v: Tensor, y_hat: Tensor, eps: float, grad_s: Tensor) -> Tensor:
+    """grad_s * dS/dv, dS/dv = (r - x^ (x^.r)) / |v| for |v| > eps, r / eps otherwise, with r = x^ - y^.
+
+    Since |x^| = 1 when |v| > eps, r - x^ (x^.r) = x^ (x^.y^) - y^: one fused form, (x^ c - y^) / max(|v|, eps) with
+    c = x^.y^ (or 1 below eps); fewer passes over the activation.
+    """
     n2, inv = _inv_norm(v, eps)
     x_hat = v * inv
-    r = x_hat - y_hat
-    radial = ((x_hat * r).sum(-1, keepdim=True) * (n2 > eps * eps)) * x_hat
-    return (r - radial) * inv
+    c = torch.where(n2 > eps * eps, (x_hat * y_hat).sum(-1, keepdim=True), 1.0)
+    return (x_hat * c - y_hat) * (inv * grad_s)
 
 
 _KERNELS: dict[str, Callable] = {"fwd": _group_fwd_kernel, "bwd": _group_bwd_kernel}
@@ -143,7 +146,7 @@ class _GroupTerm(torch.autograd.Function):
         x, y_hat = ctx.saved_tensors
         g, cd = ctx.group_size, _compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
-            gv = _kernel("bwd", ctx.compiled)(group_view(x, g, cd), y_hat.to(cd), ctx.eps) * grad_s.to(cd)
+            gv = _kernel("bwd", ctx.compiled)(group_view(x, g, cd), y_hat.to(cd), ctx.eps, grad_s.to(cd))
         length = _flat(x).shape[-1]
         gx = gv.reshape(gv.shape[0], gv.shape[1], -1)[..., :length].reshape(x.shape).to(x.dtype)
         return gx, None, None, None, None
