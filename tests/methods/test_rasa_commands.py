@@ -123,3 +123,20 @@ def test_apply_on_dinokit_features_output(tmp_path):
     assert apply(head.save(tmp_path / "h.pth"), tmp_path / "feats", tmp_path / "deb") == 0
     deb = load_feature_dir(tmp_path / "deb")
     assert (deb.patch - head(raw.patch)).abs().max() <= 1e-5 and deb.image_ids == raw.image_ids
+
+
+def test_convert_and_inspect(tmp_path, capsys):
+    from dinokit.methods.rasa_commands import convert, inspect, inspect_head
+
+    head = RASAHead(D, stage_weights=torch.randn(3, 2, D))
+    up = head.save(tmp_path / "h.pth")
+    assert convert(up, tmp_path / "h.safetensors", format="native") == 0
+    assert convert(tmp_path / "h.safetensors", tmp_path / "back.pth", format="upstream") == 0
+    assert torch.equal(load_rasa_head(tmp_path / "back.pth").stage_weights, head.stage_weights)
+    assert inspect(tmp_path / "h.safetensors", out=tmp_path / "info.json") == 0
+    info = json.loads((tmp_path / "info.json").read_text())
+    assert info["n_stages"] == 3 and info["norm_L_minus_LT"] > 1e-3 and len(info["principal_angles_deg"]) == 3
+    orth = torch.zeros(2, 2, D)
+    orth[0, 0, 0] = orth[0, 1, 1] = orth[1, 0, 2] = orth[1, 1, 3] = 1.0
+    o = inspect_head(RASAHead(D, stage_weights=orth))
+    assert o["norm_L_minus_LT"] < 1e-12 and o["principal_angles_deg"]["1-2"] == [90.0, 90.0]

@@ -232,3 +232,66 @@ def apply(head: Path, features: Path, out: Path, mode: str = "auto", overwrite: 
                                                            "mode": tr.op.resolved_mode, "seed": seed}, indent=1))
     print(f"rasa apply: {done} shards debiased, {skipped} already done -> {out}")
     return 0
+
+
+def convert(head: Path, out: Path, format: str = "native", seed: int = 0) -> int:
+    """Convert a RASA head between the upstream (Franca ``torch.save``) and native (safetensors) formats.
+
+    Args:
+        head: input head file (upstream .pth, Lightning checkpoint or native .safetensors).
+        out: output file.
+        format: output format: native or upstream.
+        seed: unused; recorded for provenance.
+    """
+    from .rasa import load_rasa_head
+
+    h = load_rasa_head(head)
+    h.save(out, format=format, metadata={"converted_from": str(head)} if format == "native" else None)
+    print(f"rasa convert: {h.n_stages} stages, D = {h.embed_dim} -> {out} ({format})")
+    return 0
+
+
+def inspect(head: Path, out: Path | None = None, seed: int = 0) -> int:
+    """Describe a RASA head: T, D, principal angles between stage subspaces, asymmetry and non-idempotence of the
+    composite operator L, and the per-stage validation MSE stored in native metadata.
+
+    Args:
+        head: head file (upstream .pth, Lightning checkpoint or native .safetensors).
+        out: optional JSON file for the numbers.
+        seed: unused; recorded for provenance.
+    """
+    import torch
+
+    from ..io import atomic_write_text
+    from .rasa import load_rasa_head
+
+    h = load_rasa_head(head)
+    info = inspect_head(h)
+    for k, v in info.items():
+        print(f"{k}: {v}")
+    if out is not None:
+        atomic_write_text(Path(out), json.dumps({**info, "meta": {"head": str(head), "torch": torch.__version__}},
+                                                indent=1))
+    return 0
+
+
+def inspect_head(h) -> dict[str, object]:
+    """The numbers of :func:`inspect` for a :class:`~dinokit.methods.rasa.RASAHead`."""
+    import torch
+
+    bases = h.bases64()
+    L = h.fold().L64
+    angles = {}
+    for s in range(len(bases)):
+        for t in range(s + 1, len(bases)):
+            if bases[s].shape[1] and bases[t].shape[1]:
+                sv = torch.linalg.svdvals(bases[s].T @ bases[t]).clamp(-1, 1)
+                angles[f"{s + 1}-{t + 1}"] = [round(float(a), 3) for a in torch.rad2deg(torch.arccos(sv))]
+    info: dict[str, object] = {"n_stages": h.n_stages, "embed_dim": h.embed_dim,
+                               "stage_ranks": [int(U.shape[1]) for U in bases],
+                               "norm_L_minus_LT": float((L - L.T).norm()), "norm_L2_minus_L": float((L @ L - L).norm()),
+                               "principal_angles_deg": angles}
+    for k in ("stage_val_mse", "chance", "stop_reason", "backbone", "train_grid"):
+        if k in h.meta:
+            info[k] = h.meta[k]
+    return info
