@@ -106,7 +106,7 @@ def fit(data: str = "synthetic", out: Path = Path("runs/bt"), backbone: str = "d
         if bb.is_vit:
             callbacks.append(cbs.AttentionMapCallback(every_n_epochs=every_n_epochs))
     if erf:
-        callbacks.append(cbs.ERFCallback(every_n_epochs=every_n_epochs))
+        callbacks.append(cbs.ERFCallback(every_n_epochs=every_n_epochs, log_scale=True))  # own patch dominates
     trainer = pl.Trainer(**trainer_kwargs(accelerator, devices, precision, max_epochs, out, max_steps),
                          callbacks=callbacks)
     if not resume and trainer.is_global_zero:  # the starting point, for before/after comparisons

@@ -58,7 +58,7 @@ def _images(data: str, split: str, n: int, size: int, seed: int, mean, std, devi
 
 def erf(out: Path = Path("runs/viz"), checkpoint: Path | None = None, backbone: str = "demo_vit",
         weights: str = "random", data: str = "synthetic", split: str = "val", layers: list[str] | None = None,
-        n_images: int = 16, image_size: int = 64, log_scale: bool = False, device: str = "cpu", seed: int = 0) -> int:
+        n_images: int = 16, image_size: int = 64, log_scale: bool = True, device: str = "cpu", seed: int = 0) -> int:
     """Effective receptive fields of a backbone's layers (Luo et al.): ``<out>/erf.png`` and ``erf.json``.
 
     Args:
@@ -71,7 +71,7 @@ def erf(out: Path = Path("runs/viz"), checkpoint: Path | None = None, backbone: 
         layers: fnmatch patterns of module names (default: patch_embed, every ceil(depth/4)-th block, the last).
         n_images: images averaged.
         image_size: square input side (a multiple of the patch size).
-        log_scale: plot log(ERF).
+        log_scale: plot log(ERF) (a ViT token's own patch dominates the linear scale).
         device: torch device.
         seed: random seed (synthetic data).
     """
