@@ -397,6 +397,13 @@ def _make_lightning_module():
         def criterion(self) -> BarlowTwinsLoss:
             return self.model.criterion
 
+        def on_load_checkpoint(self, checkpoint: dict) -> None:
+            # early dinokit checkpoints stored the backbone twice (backbone.* and model.backbone.*)
+            sd = checkpoint.get("state_dict", {})
+            if any(k.startswith("model.backbone.") for k in sd):
+                for k in [k for k in sd if k.startswith("backbone.")]:
+                    del sd[k]
+
         def setup(self, stage: str) -> None:
             # before the optimisers and the DDP wrapper exist: make every BatchNorm global-batch on non-CUDA DDP
             # (CUDA DDP: Trainer(sync_batchnorm=True) converts to nn.SyncBatchNorm)
