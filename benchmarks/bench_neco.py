@@ -35,6 +35,8 @@ def _sorter(method: str, n: int, s: float, device: str):
         return DiffSortNet("bitonic", n, device=device, steepness=s)
     from dinokit.methods.softsort import soft_sort
 
+    if method == "dinokit-nockpt":  # no X checkpoints: only alpha and a - b saved per layer (the NeCo loss setting)
+        return lambda x: soft_sort(x, s, "bitonic", segment=10 ** 9)
     return lambda x: soft_sort(x, s, "bitonic")
 
 
@@ -58,7 +60,8 @@ def _rss_mb() -> float:
 
 
 def memory_worker(method: str, rows: int, n: int, s: float) -> None:
-    """Child process: print the peak-RSS growth (MB) of one forward + backward on CPU."""
+    """Child process: print the peak-RSS growth (MB) after the forward (what stays alive until the backward: saved
+    tensors + outputs) and after forward + backward, on CPU."""
     torch.set_num_threads(max(1, torch.get_num_threads()))
     sort_once(method, 8, n, s, "cpu")  # warm-up: imports, allocator, kernels
     g = torch.Generator().manual_seed(0)
@@ -67,11 +70,12 @@ def memory_worker(method: str, rows: int, n: int, s: float) -> None:
     f = _sorter(method, n, s, "cpu")
     base = _rss_mb()
     y, P = f(x)
+    fwd = _rss_mb() - base
     ((y * wy).sum() + (P * wP).sum()).backward()
-    print(json.dumps({"peak_mb": _rss_mb() - base}))
+    print(json.dumps({"peak_mb": _rss_mb() - base, "forward_mb": fwd}))
 
 
-def peak_memory_mb(method: str, rows: int, n: int, s: float, device: str) -> float:
+def peak_memory_mb(method: str, rows: int, n: int, s: float, device: str) -> dict[str, float]:
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -81,24 +85,36 @@ def peak_memory_mb(method: str, rows: int, n: int, s: float, device: str) -> flo
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         y, P = _sorter(method, n, s, device)(x)
+        fwd = (torch.cuda.memory_allocated() - base) / 2**20
         ((y * wy).sum() + (P * wP).sum()).backward()
         torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
+        return {"peak_mb": (torch.cuda.max_memory_allocated() - base) / 2**20, "forward_mb": fwd}
     out = subprocess.run([sys.executable, __file__, "--memory-worker", method, "--rows", str(rows), "--n", str(n),
                           "--steepness", str(s)], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def bench_sort(args) -> dict:
-    res = {}
-    for method in ("diffsort", "dinokit"):
-        sort_once(method, 64, args.n, args.steepness, args.device)  # warm-up
-        times = [sort_once(method, args.rows, args.n, args.steepness, args.device, seed=i)
-                 for i in range(args.repeats)]
-        res[method] = {"time_s": statistics.median(times), "times_s": [round(t, 4) for t in times],
-                       "peak_mb": peak_memory_mb(method, args.rows, args.n, args.steepness, args.device)}
+    """Timings interleaved (diffsort, dinokit, diffsort, ...) so that both see the same machine load."""
+    methods = ("diffsort", "dinokit", "dinokit-nockpt")
+    for m in methods:
+        sort_once(m, 64, args.n, args.steepness, args.device)  # warm-up
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    for i in range(args.repeats):
+        for m in methods:
+            times[m].append(sort_once(m, args.rows, args.n, args.steepness, args.device, seed=i))
+    res: dict = {}
+    for m in methods:
+        res[m] = {"time_s": statistics.median(times[m]), "times_s": [round(t, 3) for t in times[m]],
+                  **peak_memory_mb(m, args.rows, args.n, args.steepness, args.device)}
     res["speedup"] = res["diffsort"]["time_s"] / res["dinokit"]["time_s"]
+    res["pair_speedups"] = [round(a / b, 2) for a, b in zip(times["diffsort"], times["dinokit"])]
     res["memory_ratio"] = res["dinokit"]["peak_mb"] / max(res["diffsort"]["peak_mb"], 1e-9)
+    res["forward_memory_ratio"] = res["dinokit"]["forward_mb"] / max(res["diffsort"]["forward_mb"], 1e-9)
+    res["nockpt_speedup"] = res["diffsort"]["time_s"] / res["dinokit-nockpt"]["time_s"]
+    res["nockpt_memory_ratio"] = res["dinokit-nockpt"]["peak_mb"] / max(res["diffsort"]["peak_mb"], 1e-9)
+    res["nockpt_forward_memory_ratio"] = res["dinokit-nockpt"]["forward_mb"] / max(res["diffsort"]["forward_mb"],
+                                                                                    1e-9)
     return res
 
 
@@ -166,9 +182,6 @@ def bench_step(args, sort_method: str) -> dict[str, float]:
         timed("backward", loss.backward)
         neco.zero_grad(set_to_none=True)
 
-    step()  # warm-up
-    for k in parts:
-        parts[k] = 0.0
     for _ in range(args.step_repeats):
         step()
     parts = {k: v / args.step_repeats for k, v in parts.items()}
@@ -191,7 +204,8 @@ def main() -> None:
     ap.add_argument("--roi", type=int, default=7)
     ap.add_argument("--head-hidden", type=int, default=2048)
     ap.add_argument("--head-dim", type=int, default=256)
-    ap.add_argument("--step-repeats", type=int, default=2)
+    ap.add_argument("--step-repeats", type=int, default=1)
+    ap.add_argument("--step-compare", action="store_true", help="also time the step with diffsort in the loss")
     ap.add_argument("--skip-step", action="store_true")
     ap.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -201,23 +215,29 @@ def main() -> None:
     print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}")
     res = bench_sort(args)
     print(f"\nsoft sort fwd+bwd, bitonic, n={args.n}, rows={args.rows}, s={args.steepness}, float32")
-    print(f"{'method':<10}{'median s':>10}{'runs':>28}{'peak MB':>10}")
-    for m in ("diffsort", "dinokit"):
-        print(f"{m:<10}{res[m]['time_s']:>10.3f}{str(res[m]['times_s']):>28}{res[m]['peak_mb']:>10.1f}")
-    print(f"speedup (diffsort / dinokit time): {res['speedup']:.2f}x (goal >= 1.5x)")
-    print(f"memory ratio (dinokit / diffsort peak): {res['memory_ratio']:.3f} (goal <= 0.2)")
+    print(f"{'method':<16}{'median s':>10}{'runs':>24}{'peak MB':>10}{'after fwd MB':>14}")
+    for m in ("diffsort", "dinokit", "dinokit-nockpt"):
+        print(f"{m:<16}{res[m]['time_s']:>10.3f}{str(res[m]['times_s']):>24}{res[m]['peak_mb']:>10.1f}"
+              f"{res[m]['forward_mb']:>14.1f}")
+    print(f"speedup (diffsort / dinokit median time): {res['speedup']:.2f}x, per interleaved pair "
+          f"{res['pair_speedups']} (goal >= 1.5x)")
+    print(f"memory ratio (dinokit / diffsort), fwd+bwd peak: {res['memory_ratio']:.3f} (goal <= 0.2); kept after "
+          f"the forward (saved for backward + outputs): {res['forward_memory_ratio']:.3f}")
+    print(f"dinokit-nockpt (the loss setting): speedup {res['nockpt_speedup']:.2f}x, peak ratio "
+          f"{res['nockpt_memory_ratio']:.3f}, kept-after-forward ratio {res['nockpt_forward_memory_ratio']:.3f}")
     if args.skip_step:
         return
     print(f"\none training step: {args.backbone} (random init), B={args.batch}, crops 2x{args.global_size} + "
           f"4x{args.local_size} px, r={args.roi} (n={args.roi ** 2}), head {args.head_hidden}->{args.head_dim}, "
           f"mean of {args.step_repeats}")
-    steps = {m: bench_step(args, m) for m in ("dinokit", "diffsort")}
-    print(f"{'part':<18}{'dinokit s':>12}{'share':>8}{'diffsort s':>12}{'share':>8}")
+    methods = ("dinokit", "diffsort") if args.step_compare else ("dinokit",)
+    steps = {m: bench_step(args, m) for m in methods}
+    print(f"{'part':<18}" + "".join(f"{m + ' s':>12}{'share':>8}" for m in methods))
     for k in steps["dinokit"]:
-        a, b = steps["dinokit"][k], steps["diffsort"][k]
-        print(f"{k:<18}{a:>12.4f}{a / steps['dinokit']['total']:>8.1%}{b:>12.4f}{b / steps['diffsort']['total']:>8.1%}")
-    print(f"step speedup from the sort (diffsort / dinokit total): "
-          f"{steps['diffsort']['total'] / steps['dinokit']['total']:.2f}x")
+        print(f"{k:<18}" + "".join(f"{steps[m][k]:>12.4f}{steps[m][k] / steps[m]['total']:>8.1%}" for m in methods))
+    if args.step_compare:
+        print(f"step speedup from the sort (diffsort / dinokit total): "
+              f"{steps['diffsort']['total'] / steps['dinokit']['total']:.2f}x")
 
 
 if __name__ == "__main__":

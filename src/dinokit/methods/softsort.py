@@ -147,7 +147,7 @@ class _SoftSortFn(torch.autograd.Function):
         if keep:
             ctx.save_for_backward(*alphas, *diffs, *checkpoints)
         ctx.meta = (steepness, net, segment, n, N, len(layers))
-        return v[N - n:].t(), X[N - n:].permute(1, 2, 0)
+        return v[N - n:].t().contiguous(), X[N - n:].permute(1, 2, 0).contiguous()  # frees the padding wires
 
     @staticmethod
     def backward(ctx, gy: torch.Tensor | None, gP: torch.Tensor | None):
