@@ -95,6 +95,8 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path):
     assert torch.equal(load_rasa_head(tmp_path / "stage03.pth").stage_weights, resumed.head.stage_weights)
     again = _fit(True, out_dir=tmp_path, **kw)  # finished: nothing is retrained
     assert again.stop_reason == "max_stages" and torch.equal(again.head.stage_weights, resumed.head.stage_weights)
+    more = _fit(True, out_dir=tmp_path, **{**kw, "max_stages": 4})  # a larger cap continues from stage 3
+    assert more.head.n_stages == 4 and torch.equal(more.head.stage_weights[:3], resumed.head.stage_weights)
 
 
 def test_stage_curve_outputs(tmp_path):

@@ -669,7 +669,7 @@ def run_stages(head: RASAHead, train_probe: Callable[[RASAHead, int], None],
                 head.stage_weights = prev.stage_weights.to(head.stage_weights.device)
                 head._cache.clear()
                 records = recs
-                if done is not None:
+                if done == "chance" or (done is not None and head.n_stages >= max_stages):
                     log.info("%s: already finished (%s, %d stages)", out_dir, done, head.n_stages)
                     return RASAFitResult(head, records, done)
                 log.info("%s: resuming after stage %d", out_dir, head.n_stages)
