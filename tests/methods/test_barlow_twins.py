@@ -225,3 +225,18 @@ def test_two_process_ddp_equals_one_process_on_concatenated_batch(tmp_path):
         for k, g in ref.items():
             torch.testing.assert_close(got["grads"][k], g, atol=1e-6, rtol=1e-6, msg=k)
         torch.testing.assert_close(got["rm"], model.backbone.net[1].running_mean)
+
+
+def test_lars_step_matches_the_official_update():
+    from dinokit.methods.barlow_twins import LARS
+
+    w = torch.nn.Parameter(torch.tensor([3.0, 4.0]))
+    b = torch.nn.Parameter(torch.tensor([1.0]))
+    opt = LARS([{"params": [w]}, {"params": [b], "weight_decay": 0.0, "lars_exclude": True}], lr=0.5,
+               weight_decay=0.1, eta=0.01)
+    w.grad, b.grad = torch.tensor([1.0, 0.0]), torch.tensor([2.0])
+    opt.step()
+    g = torch.tensor([1.0, 0.0]) + 0.1 * torch.tensor([3.0, 4.0])
+    q = 0.01 * 5.0 / g.norm()
+    torch.testing.assert_close(w.detach(), torch.tensor([3.0, 4.0]) - 0.5 * q * g)
+    torch.testing.assert_close(b.detach(), torch.tensor([0.0]))  # excluded: plain momentum SGD, no decay
