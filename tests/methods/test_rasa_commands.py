@@ -140,3 +140,14 @@ def test_convert_and_inspect(tmp_path, capsys):
     orth[0, 0, 0] = orth[0, 1, 1] = orth[1, 0, 2] = orth[1, 1, 3] = 1.0
     o = inspect_head(RASAHead(D, stage_weights=orth))
     assert o["norm_L_minus_LT"] < 1e-12 and o["principal_angles_deg"]["1-2"] == [90.0, 90.0]
+
+
+def test_fit_resumes_from_last_finished_stage(tmp_path):
+    kw = dict(backbone="tiny_dino", weights="random", synthetic=8, synthetic_size=64, crop_size=64, val_size=64,
+              batch_size=4, epochs=1, lr=1e-2, num_workers=0, accelerator="cpu", entropy=False, overcluster=False,
+              audit=False, out=tmp_path, seed=400)
+    assert fit(max_stages=1, **kw) == 0
+    first = load_rasa_head(tmp_path / "stage01.pth").stage_weights
+    assert fit(max_stages=2, **kw) == 0  # continues with stage 2 only
+    both = load_rasa_head(tmp_path / "rasa_head.pth").stage_weights
+    assert both.shape[0] == 2 and torch.equal(both[:1], first)
