@@ -1,5 +1,7 @@
-"""Figures: PCA maps, attention overlays, masks (and the Lightning callbacks that log them)."""
+"""Figures: PCA maps, attention overlays, masks, effective receptive fields (and the Lightning callbacks that log
+them: ``dinokit.viz.callbacks``)."""
 
+from .erf import effective_receptive_field, plot_erf
 from .maps import mass_threshold_mask, pca_rgb, save_grid, upsample_map
 
-__all__ = ["mass_threshold_mask", "pca_rgb", "save_grid", "upsample_map"]
+__all__ = ["effective_receptive_field", "mass_threshold_mask", "pca_rgb", "plot_erf", "save_grid", "upsample_map"]
