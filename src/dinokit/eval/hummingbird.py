@@ -265,29 +265,57 @@ def hummingbird(train_feats: torch.Tensor | np.ndarray | MemoryBank, train_masks
         mem = build_memory(train_feats, train_masks, num_classes, memory_size, seed=seed, ignore_index=ignore_index,
                            ignore_to=memory_ignore_to, mem_dtype=mem_dtype)
     vf = as_features(val_feats, "val features")
-    b, h, w, d = vf.shape
-    if d != mem.features.shape[1]:
-        raise ValueError(f"val features have D={d} but the memory has D={mem.features.shape[1]}; use one backbone")
-    vm = as_masks(val_masks, b, "val masks")
-    check_labels(vm, num_classes, ignore_index)
-    cm = ConfusionMatrix(num_classes, num_classes, ignore_index)
+    vm = as_masks(val_masks, vf.shape[0], "val masks")
+    ev = HummingbirdEvaluator(mem, num_classes, k, beta, backend, ignore_index)
     examples: list[np.ndarray] = []
-    mine = rank_shard(b)
+    mine = rank_shard(vf.shape[0])
     for s in range(0, len(mine), batch_size):
         ids = mine[s:s + batch_size]
-        y = soft_predict(vf[ids].reshape(-1, d), mem, k, beta, backend).view(len(ids), h, w, num_classes)
-        y = y.permute(0, 3, 1, 2)
-        for j, i in enumerate(ids):
-            size = tuple(vm[i].shape[-2:])
-            pred = F.interpolate(y[j:j + 1], size=size, mode="bilinear", align_corners=False).argmax(1)[0]
-            cm.update(vm[i], pred)
-            if i < n_examples:
-                examples.append(pred.numpy())
-    cm.all_reduce()
-    conf = cm.numpy()
-    metrics = match_and_score(conf, matching=matching, absent="zero", class_names=class_names)
-    metrics["mem_rows"] = len(mem)
-    return HummingbirdResult(metrics, conf, examples)
+        want = any(i < n_examples for i in ids)
+        preds = ev.update(vf[ids], [vm[i] for i in ids], return_predictions=want)
+        if want:
+            examples.extend(p.numpy() for i, p in zip(ids, preds, strict=True) if i < n_examples)
+    return ev.compute(matching=matching, class_names=class_names, examples=examples)
+
+
+class HummingbirdEvaluator:
+    """Streaming Hummingbird evaluation against a fixed memory: ``update`` per val batch (only a C x C confusion
+    matrix is kept), ``compute`` all-reduces it under DDP (callers shard the val images by rank) and scores it."""
+
+    def __init__(self, memory: MemoryBank, num_classes: int, k: int = 30, beta: float = 0.02, backend: str = "auto",
+                 ignore_index: int | None = 255):
+        self.memory, self.num_classes, self.k, self.beta, self.backend = memory, num_classes, k, beta, backend
+        self.ignore_index = ignore_index
+        self.cm = ConfusionMatrix(num_classes, num_classes, ignore_index)
+
+    def update(self, feats: torch.Tensor | np.ndarray, masks: MaskLike,
+               return_predictions: bool = False) -> list[torch.Tensor]:
+        """feats (b, h, w, D) val tokens; masks (b, H, W) or b maps (H_i, W_i). Returns the argmax maps if asked."""
+        f = as_features(feats, "val features")
+        b, h, w, d = f.shape
+        if d != self.memory.features.shape[1]:
+            raise ValueError(f"val features have D={d} but the memory has D={self.memory.features.shape[1]}; use "
+                             "one backbone for memory and queries")
+        m = as_masks(masks, b, "val masks")
+        check_labels(m, self.num_classes, self.ignore_index)
+        y = soft_predict(f.reshape(-1, d), self.memory, self.k, self.beta, self.backend)
+        y = y.view(b, h, w, self.num_classes).permute(0, 3, 1, 2)
+        out = []
+        for j in range(b):  # one image at a time: a single (C, H, W) upsampled map is alive
+            pred = F.interpolate(y[j:j + 1], size=tuple(m[j].shape[-2:]), mode="bilinear",
+                                 align_corners=False).argmax(1)[0]
+            self.cm.update(m[j], pred)
+            if return_predictions:
+                out.append(pred)
+        return out
+
+    def compute(self, matching: str = "hungarian", class_names: Sequence[str] | None = None,
+                examples: list[np.ndarray] | None = None) -> HummingbirdResult:
+        self.cm.all_reduce()
+        conf = self.cm.numpy()
+        metrics = match_and_score(conf, matching=matching, absent="zero", class_names=class_names)
+        metrics["mem_rows"] = len(self.memory)
+        return HummingbirdResult(metrics, conf, examples or [])
 
 
 def select_subset(n: int, fraction: float | None = None, seed: int = 0) -> list[int]:
