@@ -30,6 +30,8 @@ COMMANDS: dict[str, object] = {
     "rasa": {
         "fit": "dinokit.methods.rasa_commands:fit",
         "apply": "dinokit.methods.rasa_commands:apply",
+        "convert": "dinokit.methods.rasa_commands:convert",
+        "inspect": "dinokit.methods.rasa_commands:inspect",
     },
     "boxes": "dinokit.data.crops_commands:boxes",
     "crops": {"maiou-curve": "dinokit.data.crops_commands:maiou_curve",
