@@ -101,3 +101,21 @@ def test_subset_and_bad_inputs():
         hummingbird(noisy_oracle(cells, 4, 0), masks, noisy_oracle(cells, 4, 0), bad, 4, memory_size=None)
     with pytest.raises(ValueError, match="empty"):
         hummingbird(noisy_oracle(cells, 4, 0), masks, torch.zeros(0, 6, 6, 16), np.zeros((0, 24, 24), int), 4)
+
+
+def test_streaming_builder_and_evaluator_match_one_shot():
+    from dinokit.eval.hummingbird import HummingbirdEvaluator, MemoryBuilder
+
+    cells, masks = stripes(12, seed=9)
+    f = noisy_oracle(cells, 4, 0.5, seed=2)
+    one = build_memory(f, masks, 4, memory_size=60)
+    mb = MemoryBuilder(4, 12, memory_size=60)
+    for s in (0, 5, 7):
+        e = {0: 5, 5: 7, 7: 12}[s]
+        mb.add(f[s:e], masks[s:e])
+    two = mb.build()
+    assert torch.equal(one.features, two.features) and torch.equal(one.labels, two.labels)
+    ev = HummingbirdEvaluator(one, 4, k=5)
+    ev.update(f[:3], masks[:3])
+    ev.update(f[3:], masks[3:])
+    assert np.array_equal(ev.compute().confusion, hummingbird(one, None, f, masks, 4, k=5).confusion)

@@ -14,7 +14,7 @@ Every evaluator takes patch features ``(B, h, w, D)`` (torch or numpy, CLS/regis
 
 from .boxes import box_aiou, box_iou, corloc, maiou, miou_box
 from .entropy import spatial_entropy, spatial_entropy_of_features
-from .hummingbird import HummingbirdResult, build_memory, hummingbird, knn_search
+from .hummingbird import HummingbirdEvaluator, HummingbirdResult, MemoryBuilder, build_memory, hummingbird, knn_search
 from .linear_seg import LinearProbeResult, linear_probe
 from .metrics import ConfusionMatrix, match_and_score, match_clusters, miou, segmentation_scores
 from .overcluster import OverclusterResult, overcluster
@@ -22,8 +22,9 @@ from .position import PositionResult, chance_mse, position_probe, position_targe
 from .suite import dense_eval_suite
 
 __all__ = [
-    "ConfusionMatrix", "HummingbirdResult", "LinearProbeResult", "OverclusterResult", "PositionResult", "box_aiou",
-    "box_iou", "build_memory", "chance_mse", "corloc", "dense_eval_suite", "hummingbird", "knn_search",
-    "linear_probe", "maiou", "match_and_score", "match_clusters", "miou", "miou_box", "overcluster",
-    "position_probe", "position_targets", "segmentation_scores", "spatial_entropy", "spatial_entropy_of_features",
+    "ConfusionMatrix", "HummingbirdEvaluator", "HummingbirdResult", "LinearProbeResult", "MemoryBuilder",
+    "OverclusterResult", "PositionResult", "box_aiou", "box_iou", "build_memory", "chance_mse", "corloc",
+    "dense_eval_suite", "hummingbird", "knn_search", "linear_probe", "maiou", "match_and_score", "match_clusters",
+    "miou", "miou_box", "overcluster", "position_probe", "position_targets", "segmentation_scores", "spatial_entropy",
+    "spatial_entropy_of_features",
 ]
