@@ -6,7 +6,7 @@
    same number of iterations (``--iters``, default 20) and one restart, so the ratio compares equal work budgets.
 2. Hummingbird retrieval, queries/s: faiss ``IndexFlatIP`` vs brute-force torch (q @ Mᵀ + topk), exact, k = 30.
 3. Peak memory of a Hummingbird evaluation: streaming confusion matrix (dinokit) vs storing every full-resolution
-   prediction and label map and scoring at the end (open-hummingbird-eval), each in a fresh subprocess (peak RSS;
+   prediction and label map and scoring at the end (open-hummingbird-eval), each in a fresh subprocess (VmHWM;
    random D=64 features and a 4-image memory keep the kNN cheap: what is measured is the prediction storage).
 
 Run: ``OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_eval.py`` (every library then runs single-threaded,
@@ -91,7 +91,7 @@ def bench_knn(memory: int, queries: int, d: int = 384, k: int = 30) -> dict:
 
 
 MEM_CHILD = r'''
-import json, resource, sys, torch
+import json, sys, torch
 import torch.nn.functional as F
 mode, n, size, grid = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 torch.set_num_threads(1)
@@ -102,7 +102,9 @@ g = torch.Generator().manual_seed(0)
 cells = torch.randint(0, C, (4, grid, grid), generator=g)
 bank = build_memory(torch.randn(4, grid, grid, D, generator=g), cells.repeat_interleave(p, 1).repeat_interleave(p, 2),
                     C, memory_size=None)
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def hwm():  # peak RSS of this process image in kB (VmHWM; ru_maxrss would include the parent's peak)
+    return int(next(line for line in open("/proc/self/status") if line.startswith("VmHWM")).split()[1])
+base = hwm()
 ev, cm, preds, gts = HummingbirdEvaluator(bank, C), ConfusionMatrix(C), [], []
 for s in range(0, n, 16):  # batches arrive as from a data loader
     b = min(16, n - s)
@@ -119,7 +121,7 @@ if mode == "store":
 else:
     cm = ev.cm
 miou = match_and_score(cm.numpy(), "hungarian")["miou"]
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak = hwm()
 print(json.dumps({"mode": mode, "peak_rss_mb": peak / 1024, "rss_before_eval_mb": base / 1024, "miou": miou}))
 '''
 
@@ -143,9 +145,13 @@ def main() -> None:
     ap.add_argument("--memory", type=int, default=50_000)
     ap.add_argument("--queries", type=int, default=5_000)
     ap.add_argument("--mem-images", type=int, default=200)
+    ap.add_argument("--only-memory", action="store_true", help="run only the memory section")
     ap.add_argument("--size", type=int, default=448)
     args = ap.parse_args()
     print(f"torch threads {torch.get_num_threads()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}")
+    if args.only_memory:
+        print(json.dumps(bench_memory(args.mem_images, args.size, args.size // 14), indent=1))
+        return
     r = bench_overcluster(args.tokens, args.iters)
     print(f"[overcluster] {r['tokens']} tokens x 384 -> PCA-50, K={r['k']}, {r['iters']} iterations, 1 restart: "
           f"dinokit {r['dinokit_s']:.1f} s (PCA {r['dinokit_pca_s']:.1f} s) vs sklearn {r['sklearn_s']:.1f} s "
