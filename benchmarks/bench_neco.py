@@ -1,9 +1,13 @@
 """NeCo benchmarks, measured in one run.
 
+Memory on CPU is the peak-RSS growth of a fresh subprocess run with ``MALLOC_MMAP_THRESHOLD_=131072`` (large blocks
+are mmapped and returned on free, so RSS follows live tensors; without it glibc's heap reuse makes RSS noisy).
+
 1. Soft sort, forward + backward of a random linear functional of (y, P), n = 49, 3136 rows (= 64 images x 49 query
    patches, one NeCo pair at batch 64), float32: ``diffsort.DiffSortNet`` (the reference) vs ``dinokit`` (strided
    two-column updates, analytic backward). Time = median of ``--repeats`` runs; peak memory = peak RSS growth of a
    fresh subprocess per method on CPU (``torch.cuda.max_memory_allocated`` on GPU).
+   Then the NeCo loss over 10 pairs (what one step keeps alive until its single backward).
 2. One NeCo training step split into teacher/student backbone forwards (+ heads), ROIAlign, sorting (teacher and
    student), loss and backward, with the dinokit sort and with diffsort in the loss.
 
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -75,6 +80,34 @@ def memory_worker(method: str, rows: int, n: int, s: float) -> None:
     print(json.dumps({"peak_mb": _rss_mb() - base, "forward_mb": fwd}))
 
 
+def loss_memory_worker(method: str, rows: int, n: int, s: float, pairs: int) -> None:
+    """Child process: peak-RSS growth (MB) of the NeCo loss over ``pairs`` pairs (teacher sort under no_grad,
+    student sort, cross-entropy), summed and back-propagated once, as in one training step."""
+    from dinokit.methods.neco import sorting_cross_entropy
+
+    f = _sorter(method, n, s, "cpu")
+    sort_once(method, 8, n, s, "cpu")
+    g = torch.Generator().manual_seed(0)
+    dT = [torch.rand(rows, n, generator=g) * 2 - 1 for _ in range(pairs)]
+    dS = [(d + 0.1 * torch.randn(rows, n, generator=g)).requires_grad_() for d in dT]
+    base = _rss_mb()
+    t0 = time.perf_counter()
+    total = 0.0
+    for a, b in zip(dT, dS):
+        with torch.no_grad():
+            _, Q = f(a)
+        _, P = f(b)
+        total = total + sorting_cross_entropy(Q, P)
+    (total / pairs).backward()
+    print(json.dumps({"peak_mb": _rss_mb() - base, "time_s": time.perf_counter() - t0}))
+
+
+def _child(args: list[str]) -> dict:
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}  # big blocks via mmap: RSS follows live memory
+    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, check=True, env=env)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def peak_memory_mb(method: str, rows: int, n: int, s: float, device: str) -> dict[str, float]:
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
@@ -89,9 +122,7 @@ def peak_memory_mb(method: str, rows: int, n: int, s: float, device: str) -> dic
         ((y * wy).sum() + (P * wP).sum()).backward()
         torch.cuda.synchronize()
         return {"peak_mb": (torch.cuda.max_memory_allocated() - base) / 2**20, "forward_mb": fwd}
-    out = subprocess.run([sys.executable, __file__, "--memory-worker", method, "--rows", str(rows), "--n", str(n),
-                          "--steepness", str(s)], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return _child(["--memory-worker", method, "--rows", str(rows), "--n", str(n), "--steepness", str(s)])
 
 
 def bench_sort(args) -> dict:
@@ -207,10 +238,15 @@ def main() -> None:
     ap.add_argument("--step-repeats", type=int, default=1)
     ap.add_argument("--step-compare", action="store_true", help="also time the step with diffsort in the loss")
     ap.add_argument("--skip-step", action="store_true")
+    ap.add_argument("--pairs", type=int, default=10, help="pairs in the loss-memory measurement (0: skip)")
     ap.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--loss-worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_worker:
         memory_worker(args.memory_worker, args.rows, args.n, args.steepness)
+        return
+    if args.loss_worker:
+        loss_memory_worker(args.loss_worker, args.rows, args.n, args.steepness, args.pairs)
         return
     print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}")
     res = bench_sort(args)
@@ -225,6 +261,15 @@ def main() -> None:
           f"the forward (saved for backward + outputs): {res['forward_memory_ratio']:.3f}")
     print(f"dinokit-nockpt (the loss setting): speedup {res['nockpt_speedup']:.2f}x, peak ratio "
           f"{res['nockpt_memory_ratio']:.3f}, kept-after-forward ratio {res['nockpt_forward_memory_ratio']:.3f}")
+    if args.pairs and not args.device.startswith("cuda"):
+        print(f"\nNeCo loss over {args.pairs} pairs ({args.rows} rows each = 64 images x 49 queries), one backward:")
+        lm = {m: _child(["--loss-worker", m, "--rows", str(args.rows), "--n", str(args.n), "--steepness",
+                         str(args.steepness), "--pairs", str(args.pairs)]) for m in ("diffsort", "dinokit-nockpt")}
+        for m, v in lm.items():
+            print(f"{m:<16} peak {v['peak_mb']:>9.1f} MB  time {v['time_s']:>8.2f} s")
+        ratio = lm["dinokit-nockpt"]["peak_mb"] / lm["diffsort"]["peak_mb"]
+        print(f"loss memory ratio (dinokit / diffsort): {ratio:.3f}"
+              f" (goal <= 0.2); time ratio {lm['diffsort']['time_s'] / lm['dinokit-nockpt']['time_s']:.2f}x")
     if args.skip_step:
         return
     print(f"\none training step: {args.backbone} (random init), B={args.batch}, crops 2x{args.global_size} + "
