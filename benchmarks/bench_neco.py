@@ -61,6 +61,15 @@ def sort_once(method: str, rows: int, n: int, s: float, device: str, seed: int =
 
 
 def _rss_mb() -> float:
+    """Peak RSS (MB) of this process image: VmHWM (``ru_maxrss`` would include the parent's peak, which Linux
+    carries across fork + exec)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
