@@ -43,7 +43,7 @@ def run(ctx) -> dict[str, float | int | str]:
     base = ctx.cache.get("backbone") or demo_backbone(ctx)
     random_bb = copy.deepcopy(base).eval()
     bb = copy.deepcopy(base).train()
-    steps = 6 if ctx.quick else 32
+    steps = 6 if ctx.quick else 24
     batch = min(64, len(train))
     if batch < 2:
         raise ValueError(f"the barlow demo needs at least 2 training scenes, got {len(train)}")
