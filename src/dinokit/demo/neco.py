@@ -57,7 +57,7 @@ def _run(ctx) -> dict[str, float | int | str]:
     cfg = NeCoConfig(head_hidden=256, head_dim=64, roi_size=4, queue_length=512)
     neco = NeCo(student, teacher, cfg, seed=ctx.seed).to(ctx.device)
     views = NeCoViews(crops=(2, 4), sizes=(S, S // 2), mean=tuple(student.mean), std=tuple(student.std))
-    batch_size, epochs = 16, (1 if ctx.quick else 4)
+    batch_size, epochs = 16, (1 if ctx.quick else 8)
     g = torch.Generator().manual_seed(ctx.seed)
     loader = DataLoader(NeCoDataset(train, views), batch_size=batch_size, shuffle=True, drop_last=True,
                         collate_fn=neco_collate, generator=g)
