@@ -372,3 +372,21 @@ def test_configs_match_the_published_settings(name: str) -> None:
     assert (cfg["roi_size"], cfg["queue_length"], cfg["head_dim"], cfg["seed"]) == (7, 8192, 256, 400)
     assert cfg.get("drop_registers", False) == ("xr" in name)
     assert cfg["pos_interp"] == ("offset" if name.startswith("dinov2r") else "official")
+
+
+def test_accumulation_gives_one_ema_update_per_optimiser_step() -> None:
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from dinokit.methods.neco_commands import NeCoModule
+
+    neco = _tiny_neco()
+    calls: list[tuple[int, int]] = []
+    original = neco.ema_step
+    neco.ema_step = lambda t, total: (calls.append((t, total)), original(t, total))[1]
+    ds = NeCoDataset(SyntheticScenes(8, (48, 48), seed=0), NeCoViews(crops=(2, 2), sizes=(32, 16)))
+    module = NeCoModule(neco, 1e-4, 1e-4, total_steps=1)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, accumulate_grad_batches=4, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, DataLoader(ds, batch_size=2, collate_fn=neco_collate))
+    assert calls == [(0, 1)] and module.steps_taken == 1  # 4 micro-batches, one optimiser step, one EMA update
