@@ -20,6 +20,8 @@ def test_demo_all_stages_quick(tmp_path):
     assert (out / "figures" / "foundation_attention_pca.png").stat().st_size > 1000
     assert "RANDOM weights" in html
     assert list((out / "features").glob("shard-*.safetensors"))
+    if "barlow" in ran:  # the pretraining really updates the backbone, even after stages that froze theirs
+        assert metrics["barlow/backbone_max_param_change"] > 0
 
 
 def test_demo_rejects_unknown_stage(tmp_path):

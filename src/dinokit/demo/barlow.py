@@ -42,7 +42,8 @@ def run(ctx) -> dict[str, float | int | str]:
     train, val = demo_scenes(ctx, "train"), demo_scenes(ctx, "val")
     base = ctx.cache.get("backbone") or demo_backbone(ctx)
     random_bb = copy.deepcopy(base).eval()
-    bb = copy.deepcopy(base).train()
+    # an earlier stage may have frozen the shared backbone (e.g. the density-crop model): the copy we train is ours
+    bb = copy.deepcopy(base).train().requires_grad_(True)
     steps = 6 if ctx.quick else 24
     batch = min(64, len(train))
     if batch < 2:
@@ -114,7 +115,8 @@ def run(ctx) -> dict[str, float | int | str]:
         [fig_a, fig_r, fig_c], table)
     out: dict[str, float | int | str] = {f"random/{k}": v for k, v in rnd.items()}
     out.update({f"bt/{k}": v for k, v in btm.items()})
-    out.update({"steps": steps, "loss_first": losses[0], "loss_last": losses[-1],
+    change = max(float((a - b).abs().max()) for a, b in zip(random_bb.parameters(), bb.parameters()))
+    out.update({"steps": steps, "loss_first": losses[0], "loss_last": losses[-1], "backbone_max_param_change": change,
                 "cc/mean_diag": stats["mean_diag"], "cc/mean_abs_offdiag": stats["mean_abs_offdiag"],
                 "weights": "random init + Barlow Twins (demo)"})
     return out
