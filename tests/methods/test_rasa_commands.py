@@ -14,14 +14,6 @@ from dinokit.methods.rasa_commands import _crop_for_patch, apply, fit
 D = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _shards(folder, n_shards=2, n=3, grid=(4, 5), dtype=torch.float32):
     folder.mkdir(parents=True, exist_ok=True)
     for k in range(n_shards):

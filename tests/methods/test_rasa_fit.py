@@ -11,15 +11,6 @@ H = W = 8
 D = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids oversubscription on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _planted(n, seed, signal=True):
     """Spec §13.9: x = r a + c b + e + content + noise with a, b, e orthonormal; content off span{a, b}."""
     g = torch.Generator().manual_seed(seed)

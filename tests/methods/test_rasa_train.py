@@ -20,14 +20,6 @@ from dinokit.methods.rasa_train import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def bb():
     return load_backbone("tiny_dino", weights="random").eval()

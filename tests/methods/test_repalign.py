@@ -21,15 +21,6 @@ from dinokit.methods.repalign import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread avoids per-op thread synchronisation (10x slower on a busy 2-core host)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ------------------------------------------------------------------------------------------------ helpers
 class Taps(nn.Module):
     """A teacher whose hooked activations are chosen tensors: tap i sees f_i(input)."""

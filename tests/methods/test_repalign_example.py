@@ -1,6 +1,5 @@
 """RepAlign example core, demo stage, and the streamed design's memory (bytes saved for backward, not time)."""
 
-import pytest
 import torch
 from torch import nn
 
@@ -16,15 +15,6 @@ from dinokit.methods.repalign_example import (
     scene_tensors,
     teacher_cosine,
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread avoids per-op thread synchronisation (10x slower on a busy 2-core host)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_metrics_known_answers():

@@ -121,7 +121,7 @@ def draw_box_overlays(path: Path, images: list, ids: list[str], pred: dict, gts:
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
-    from ..io import atomic_path
+    from ..viz.maps import save_figure
 
     n = len(images)
     fig, axes = plt.subplots(1, n, figsize=(2.2 * n, 2.4), squeeze=False)
@@ -135,9 +135,7 @@ def draw_box_overlays(path: Path, images: list, ids: list[str], pred: dict, gts:
         ax.set_title(str(i)[-10:], fontsize=7)
     fig.suptitle("pseudo-box (red, dashed) vs ground truth (green)", fontsize=8)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def _parse_range(spec: str) -> list[float]:
@@ -166,7 +164,8 @@ def maiou_curve(boxes: str = "synthetic", data: str | None = None, thr: str = "0
     """
     import numpy as np
 
-    from ..io import atomic_path, atomic_write_text, run_metadata
+    from ..io import atomic_write_text, run_metadata
+    from ..viz.maps import save_figure
     from . import crops as C
 
     if maiou is not None:
@@ -223,9 +222,7 @@ def maiou_curve(boxes: str = "synthetic", data: str | None = None, thr: str = "0
     ax.set_ylabel("maIoU")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    with atomic_path(out / "maiou_curve.png") as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_figure(fig, out / "maiou_curve.png", dpi=110)
     print(json.dumps({**{f"{t:g}": round(v, 4) for t, v in curve.items()}, "rrc": round(rrc, 4)}))
     return 0
 

@@ -38,15 +38,9 @@ def save_label_grid(path: str | Path, images: Sequence[np.ndarray], columns: dic
 
 
 def _save(fig, path: str | Path) -> Path:
-    import matplotlib.pyplot as plt
+    from ..viz.maps import save_figure
 
-    from ..io import atomic_path
-
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def save_confusion(path: str | Path, conf: np.ndarray, class_names: Sequence[str] | None = None,

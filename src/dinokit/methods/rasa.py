@@ -844,7 +844,8 @@ def stage_curve(records: list[StageRecord], path_png: Path, path_json: Path, tit
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..io import atomic_path, atomic_write_text
+    from ..io import atomic_write_text
+    from ..viz.maps import save_figure
 
     st = [r.stage for r in records]
     payload = {"stage": st, "mse": [r.mse for r in records], "chance": [r.chance for r in records],
@@ -862,6 +863,4 @@ def stage_curve(records: list[StageRecord], path_png: Path, path_json: Path, tit
     ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    with atomic_path(path_png) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, path_png, dpi=110)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .erf import effective_receptive_field, plot_erf
-from .maps import mass_threshold_mask
+from .maps import mass_threshold_mask, save_figure
 
 # a fixed, deterministic palette (matplotlib tab10) for per-head masks
 PALETTE: tuple[tuple[float, float, float], ...] = (
@@ -69,7 +69,6 @@ def attention_figure(path: str | Path, images: torch.Tensor, attn: torch.Tensor,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..io import atomic_path
 
     n, heads, h, w = attn.shape
     p = patch_size
@@ -106,11 +105,7 @@ def attention_figure(path: str | Path, images: torch.Tensor, attn: torch.Tensor,
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 def ccm_stats(c: torch.Tensor, threshold: float = 0.1) -> dict[str, float]:
@@ -130,7 +125,6 @@ def ccm_figure(path: str | Path, c: torch.Tensor, max_dims: int = 256, title: st
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..io import atomic_path
 
     block = c[:max_dims, :max_dims].detach().float().cpu().numpy()
     fig, ax = plt.subplots(figsize=(4.2, 3.6))
@@ -139,11 +133,7 @@ def ccm_figure(path: str | Path, c: torch.Tensor, max_dims: int = 256, title: st
     s = ccm_stats(c)
     ax.set_title(f"{title}\ndiag {s['mean_diag']:.3f}, |off| {s['mean_abs_offdiag']:.3f}", fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 def log_image(trainer, tag: str, path: Path, step: int) -> None:

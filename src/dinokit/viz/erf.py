@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .maps import save_figure
+
 LAYOUTS = ("auto", "nchw", "nlc", "nhwc")
 
 
@@ -169,7 +171,6 @@ def plot_erf(path: str | Path, maps: dict[str, torch.Tensor | np.ndarray], log: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..io import atomic_path
 
     n = len(maps)
     if n == 0:
@@ -189,8 +190,4 @@ def plot_erf(path: str | Path, maps: dict[str, torch.Tensor | np.ndarray], log: 
     if title:
         fig.suptitle(title, fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)

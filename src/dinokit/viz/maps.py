@@ -64,8 +64,6 @@ def save_grid(path: str | Path, panels: list[list[np.ndarray]], titles: list[lis
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..io import atomic_path
-
     rows, cols = len(panels), max(len(r) for r in panels)
     fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.2 * rows), squeeze=False)
     for r in range(rows):
@@ -82,8 +80,17 @@ def save_grid(path: str | Path, panels: list[list[np.ndarray]], titles: list[lis
             if titles and c < len(titles[r]):
                 ax.set_title(titles[r][c], fontsize=7)
     fig.tight_layout()
+    return save_figure(fig, path, dpi=110)
+
+
+def save_figure(fig, path: str | Path, dpi: int = 100) -> Path:
+    """Save a matplotlib figure atomically (temp file + rename) in the format of ``path``'s suffix and close it."""
+    import matplotlib.pyplot as plt
+
+    from ..io import atomic_path
+
     path = Path(path)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png")
+        fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png")
     plt.close(fig)
     return path
