@@ -199,3 +199,14 @@ def test_attention_command_writes_figures(tmp_path, weights):
     assert main(["attention", "--images", str(root), "--out", str(tmp_path / "a"), "--backbone", "tiny_dino",
                  "--weights", str(weights), "--size", "[64, 48]"]) == 0
     assert len(list((tmp_path / "a").glob("*_attention.png"))) == 2
+
+
+def test_shard_of_only_bad_files_keeps_grid_and_bookkeeping(tmp_path, weights):
+    root = _images(tmp_path / "imgs", 2)
+    (root / "img000.png").write_bytes(b"")  # shard 0 holds only this bad file
+    out = tmp_path / "f"
+    s = extract_features(_bb(weights), ImageInput(root, (SIZE, SIZE)), out, batch_size=1, shard_size=1,
+                         progress=False)
+    assert s["n_shards"] == 2 and [b[0] for b in s["bad"]] == ["img000.png"]
+    fs = load_feature_dir(out)
+    assert fs.grid == (2, 2) and fs.image_ids == ["img001.png"] and fs.patch.shape == (1, 2, 2, 32)

@@ -74,6 +74,36 @@ def backbone_record(bb) -> dict:
             "num_registers": bb.num_registers, "weights": bb.weights_info}
 
 
+class _ShardBuffer:
+    """Tokens of one shard as batches arrive; ``write`` saves it atomically and returns its image count."""
+
+    def __init__(self, k: int):
+        self.k, self.grid = k, None
+        self.parts: dict[str, list[torch.Tensor]] = {"patch": [], "cls": [], "registers": [], "index": []}
+        self.ids: list[str] = []
+        self.bad: list[tuple[str, str]] = []
+
+    def add(self, f, index: torch.Tensor, ids: list[str], dtype: torch.dtype) -> None:
+        self.grid = f.grid
+        self.parts["patch"].append(f.patch.to("cpu", dtype))
+        if f.cls is not None:
+            self.parts["cls"].append(f.cls.to("cpu", dtype))
+        self.parts["registers"].append(f.registers.to("cpu", dtype))
+        self.parts["index"].append(index)
+        self.ids += ids
+
+    def write(self, out: Path, backbone, dtype: torch.dtype, meta: dict, grid: tuple[int, int]) -> int:
+        """``grid``: the expected grid, used when every image of the shard was bad (an empty shard)."""
+        tensors = {n: torch.cat(v) for n, v in self.parts.items() if v}
+        if self.grid is None:  # every image of this shard was bad: an empty shard keeps the bookkeeping
+            D, R = backbone.embed_dim, backbone.num_registers
+            tensors = {"patch": torch.zeros(0, *grid, D, dtype=dtype), "registers": torch.zeros(0, R, D, dtype=dtype),
+                       "index": torch.zeros(0, dtype=torch.long)}
+        tensors["grid"] = torch.tensor(self.grid or grid)
+        write_shard(out / shard_name(self.k), tensors, self.ids, {**meta, "bad_files": self.bad})
+        return len(self.ids)
+
+
 def _dist() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -104,40 +134,31 @@ def extract_features(backbone, data: Dataset, out: Path, *, batch_size: int = 32
     meta = {**(meta or {}), "backbone": backbone_record(backbone)}
     bad: list[tuple[str, str]] = []
     done_images = 0
+    # one loader for the whole run (workers start once); batches never straddle a shard boundary
+    batches = [list(range(j, min(j + batch_size, (k + 1) * shard_size, len(data))))
+               for k in todo for j in range(k * shard_size, min((k + 1) * shard_size, len(data)), batch_size)]
+    loader = DataLoader(data, batch_sampler=batches, num_workers=num_workers, collate_fn=_collate,
+                        pin_memory=device.type == "cuda")
+    shard: _ShardBuffer | None = None
+    grid = backbone.grid_size(*data.size) if hasattr(data, "size") else (0, 0)
     with Progress(disable=not progress or rank != 0) as bar:
         task = bar.add_task("features", total=len(todo))
-        for k in todo:
-            idx = list(range(k * shard_size, min((k + 1) * shard_size, len(data))))
-            loader = DataLoader(torch.utils.data.Subset(data, idx), batch_size=batch_size, shuffle=False,
-                                num_workers=num_workers, collate_fn=_collate)
-            parts: dict[str, list[torch.Tensor]] = {"patch": [], "cls": [], "registers": [], "index": []}
-            ids: list[str] = []
-            shard_bad: list[tuple[str, str]] = []
-            grid = None
-            for batch in loader:
-                ok = batch["ok"]
-                shard_bad += [(i, r) for i, r, g in zip(batch["id"], batch["reason"], ok.tolist()) if not g]
-                if not ok.any():
-                    continue
-                x = batch["image"][ok].to(device, non_blocking=True).float().div_(255.0)
-                f = backbone.forward_features((x - mean) / std)
-                grid = f.grid
-                parts["patch"].append(f.patch.to("cpu", store_dtype))
-                if f.cls is not None:
-                    parts["cls"].append(f.cls.to("cpu", store_dtype))
-                parts["registers"].append(f.registers.to("cpu", store_dtype))
-                parts["index"].append(batch["index"][ok])
-                ids += [i for i, g in zip(batch["id"], ok.tolist()) if g]
-            tensors = {n: torch.cat(v) for n, v in parts.items() if v}
-            if grid is None:  # every image of this shard was bad: an empty shard keeps the bookkeeping
-                h, w = backbone.grid_size(*data.size) if hasattr(data, "size") else (0, 0)
-                tensors = {"patch": torch.zeros(0, h, w, backbone.embed_dim, dtype=store_dtype),
-                           "registers": torch.zeros(0, backbone.num_registers, backbone.embed_dim, dtype=store_dtype),
-                           "index": torch.zeros(0, dtype=torch.long)}
-                grid = (h, w)
-            tensors["grid"] = torch.tensor(grid)
-            write_shard(out / shard_name(k), tensors, ids, {**meta, "bad_files": shard_bad})
-            done_images += len(ids)
+        for batch in loader:
+            k = int(batch["index"][0]) // shard_size
+            if shard is None or shard.k != k:
+                if shard is not None:
+                    done_images += shard.write(out, backbone, store_dtype, meta, grid)
+                    bar.advance(task)
+                shard = _ShardBuffer(k)
+            ok = batch["ok"]
+            shard.bad += [(i, r) for i, r, g in zip(batch["id"], batch["reason"], ok.tolist()) if not g]
+            if not ok.any():
+                continue
+            x = batch["image"][ok].to(device, non_blocking=True).float().div_(255.0)
+            f = backbone.forward_features((x - mean) / std)
+            shard.add(f, batch["index"][ok], [i for i, g in zip(batch["id"], ok.tolist()) if g], store_dtype)
+        if shard is not None:
+            done_images += shard.write(out, backbone, store_dtype, meta, grid)
             bar.advance(task)
     # bad files of every shard of this rank, including shards finished by an earlier (killed) run
     from .shards import read_shard
