@@ -8,16 +8,6 @@ from dinokit.methods.barlow_twins import BarlowTwinsModule, TwoViews, barlow_twi
 from dinokit.viz import callbacks as cbs  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP overhead (and spin-waiting on a shared machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-
 class _Recorder(pl.Callback):
     def __init__(self):
         self.train: list[torch.Tensor] = []

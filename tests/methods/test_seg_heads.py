@@ -19,15 +19,6 @@ from dinokit.methods.seg_heads import (
 SMALL = {"setr_pup": {"channels": 8}, "aspp": {"channels": 8}, "setr_naive": {"channels": 8}}
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP overhead (and spin-waiting on a shared machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _n(m) -> int:
     return sum(p.numel() for p in m.parameters())
 

@@ -9,16 +9,6 @@ from dinokit.methods.seg_heads import SegmentationModule  # noqa: E402
 from dinokit.methods.seg_heads_commands import fit  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP overhead (and spin-waiting on a shared machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_seg_fit_synthetic_writes_miou(tmp_path):
     rc = fit(out=tmp_path, head="setr_naive", backbone="tiny_dino", train_size=32, eval_short_side=32,
