@@ -19,7 +19,8 @@ import torch
 from PIL import Image
 
 from dinokit.backbones import load_backbone
-from dinokit.backbones.commands import ImageInput, extract_features
+from dinokit.backbones.extract import extract_features
+from dinokit.data.sources import ImageInput
 from dinokit.data.synthetic import render_scene
 
 

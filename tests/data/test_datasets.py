@@ -343,7 +343,7 @@ def test_prepare_coco_things12(tmp_path):
     with pytest.raises(FileExistsError, match="overwrite"):
         prepare_coco_things12(tmp_path, "val")
     assert prepare_coco_things12(tmp_path, "val", overwrite=True) == out
-    from dinokit.data.commands import prepare
+    from dinokit.commands.data import prepare
 
     assert prepare("coco-things12", tmp_path, "val", overwrite=True) == 0
     with pytest.raises(ValueError, match="only coco-things12"):

@@ -119,9 +119,10 @@ def test_voc_palette():
 
 
 def test_synth_command_and_config(tmp_path, capsys):
-    from dinokit.cli import COMMANDS, main
+    from dinokit.cli import components, main
+    from dinokit.commands.data import synth
 
-    assert COMMANDS["synth"] == "dinokit.data.commands:synth"
+    assert components()["synth"] is synth
 
     out = tmp_path / "s"
     assert main(["synth", "--out", str(out), "--n-train", "3", "--n-val", "2", "--size", "32", "--seed", "4"]) == 0

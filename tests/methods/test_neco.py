@@ -298,7 +298,7 @@ def test_nan_step_is_skipped_and_the_run_continues(tmp_path: Path) -> None:
     import lightning as L
     from torch.utils.data import DataLoader
 
-    from dinokit.methods.neco_commands import NeCoModule
+    from dinokit.commands.neco import NeCoModule
 
     torch.manual_seed(0)
     neco = _tiny_neco()
@@ -320,7 +320,7 @@ def test_nan_step_is_skipped_and_the_run_continues(tmp_path: Path) -> None:
 
 
 def test_fit_and_export_round_trip(tmp_path: Path) -> None:
-    from dinokit.methods.neco_commands import export, fit, load_checkpoint_backbone
+    from dinokit.commands.neco import export, fit, load_checkpoint_backbone
 
     assert fit(out=tmp_path / "run", **FIT_ARGS) == 0
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
@@ -359,7 +359,7 @@ def test_configs_match_the_published_settings(name: str) -> None:
 
     import yaml
 
-    from dinokit.methods.neco_commands import fit
+    from dinokit.commands.neco import fit
 
     path = Path(__file__).parents[2] / "configs" / "neco" / f"{name}.yaml"
     cfg = yaml.safe_load(path.read_text())
@@ -378,7 +378,7 @@ def test_accumulation_gives_one_ema_update_per_optimiser_step() -> None:
     import lightning as L
     from torch.utils.data import DataLoader
 
-    from dinokit.methods.neco_commands import NeCoModule
+    from dinokit.commands.neco import NeCoModule
 
     neco = _tiny_neco()
     calls: list[tuple[int, int]] = []

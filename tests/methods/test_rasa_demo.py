@@ -2,7 +2,7 @@
 
 import math
 
-from dinokit.demo import demo
+from dinokit.demo import run_demo as demo
 
 
 def test_rasa_demo_quick(tmp_path):

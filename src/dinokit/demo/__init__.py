@@ -16,9 +16,9 @@ from .context import DemoContext
 STAGES: tuple[str, ...] = ("foundation", "evaluation", "rasa", "localisation", "barlow", "neco", "repalign")
 
 
-def demo(out: Path = Path("runs/demo"), seed: int = 0, stages: list[str] | None = None, n_images: int = 64,
+def run_demo(out: Path = Path("runs/demo"), seed: int = 0, stages: list[str] | None = None, n_images: int = 64,
          image_size: int = 64, device: str = "cpu", quick: bool = False) -> int:
-    """Run every dinokit capability on the synthetic benchmark and write report.html + metrics.json.
+    """Run every stage (or ``stages``) on the synthetic benchmark; write report.html + metrics.json under ``out``.
 
     Args:
         out: output directory (figures/, metrics.json, report.html, data/).

@@ -7,9 +7,10 @@ import time
 import torch
 
 from ..backbones import load_backbone
-from ..backbones.commands import ImageInput, extract_features
+from ..backbones.extract import extract_features
 from ..backbones.shards import load_feature_dir
 from ..data.layouts import write_cub_layout, write_voc_layout
+from ..data.sources import ImageInput
 from ..data.synthetic import SyntheticScenes
 from ..io import run_metadata
 from ..viz import mass_threshold_mask, pca_rgb, save_grid, upsample_map

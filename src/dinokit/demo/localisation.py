@@ -9,8 +9,8 @@ import torch
 
 
 def run(ctx) -> dict[str, float | int | str]:
+    from ..commands.crops import draw_box_overlays
     from ..data import crops as C
-    from ..data.crops_commands import draw_box_overlays
     from ..eval.boxes import corloc, miou_box
     from ..methods import classifier as K
     from .foundation import demo_backbone, demo_scenes

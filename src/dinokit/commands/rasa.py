@@ -9,7 +9,12 @@ import json
 import logging
 from pathlib import Path
 
+from . import command, group
+
 log = logging.getLogger(__name__)
+
+
+group("rasa", "RASA: fit, apply, convert and inspect heads that remove absolute position from patch tokens")
 
 
 def _crop_for_patch(crop_size: int, patch: int) -> int:
@@ -17,6 +22,7 @@ def _crop_for_patch(crop_size: int, patch: int) -> int:
     return max(patch, round(crop_size / patch) * patch)
 
 
+@command("rasa fit")
 def fit(backbone: str = "dinov2_vitb14", weights: str = "pretrained", data: Path | None = None,
         train_split: str = "trainaug", val_data: Path | None = None, val_split: str = "val",
         synthetic: int = 0, synthetic_size: int = 64, out: Path = Path("runs/rasa"),
@@ -80,8 +86,8 @@ def fit(backbone: str = "dinov2_vitb14", weights: str = "pretrained", data: Path
 
     from ..backbones import load_backbone
     from ..io import atomic_write_text, run_metadata
-    from .rasa import stage_curve
-    from .rasa_train import (
+    from ..methods.rasa import stage_curve
+    from ..methods.rasa_train import (
         ImagesOnly,
         entropy_stage_metrics,
         fit_rasa_backbone,
@@ -171,6 +177,7 @@ def fit(backbone: str = "dinov2_vitb14", weights: str = "pretrained", data: Path
     return 0
 
 
+@command("rasa apply")
 def apply(head: Path, features: Path, out: Path, mode: str = "auto", overwrite: bool = False, seed: int = 0) -> int:
     """Debias feature shards written by ``dinokit features`` with a RASA head (patch tokens only).
 
@@ -187,7 +194,7 @@ def apply(head: Path, features: Path, out: Path, mode: str = "auto", overwrite: 
         seed: unused (the transform is deterministic); recorded for provenance.
     """
     from ..backbones.shards import read_shard, shard_is_complete, write_shard
-    from .rasa import RASATransform, load_rasa_head
+    from ..methods.rasa import RASATransform, load_rasa_head
 
     features, out, head = Path(features), Path(out), Path(head)
     if not features.is_dir():
@@ -234,6 +241,7 @@ def apply(head: Path, features: Path, out: Path, mode: str = "auto", overwrite: 
     return 0
 
 
+@command("rasa convert")
 def convert(head: Path, out: Path, format: str = "native", seed: int = 0) -> int:
     """Convert a RASA head between the upstream (Franca ``torch.save``) and native (safetensors) formats.
 
@@ -243,7 +251,7 @@ def convert(head: Path, out: Path, format: str = "native", seed: int = 0) -> int
         format: output format: native or upstream.
         seed: unused; recorded for provenance.
     """
-    from .rasa import load_rasa_head
+    from ..methods.rasa import load_rasa_head
 
     h = load_rasa_head(head)
     h.save(out, format=format, metadata={"converted_from": str(head)} if format == "native" else None)
@@ -251,6 +259,7 @@ def convert(head: Path, out: Path, format: str = "native", seed: int = 0) -> int
     return 0
 
 
+@command("rasa inspect")
 def inspect(head: Path, out: Path | None = None, seed: int = 0) -> int:
     """Describe a RASA head: T, D, principal angles between stage subspaces, asymmetry and non-idempotence of the
     composite operator L, and the per-stage validation MSE stored in native metadata.
@@ -263,7 +272,7 @@ def inspect(head: Path, out: Path | None = None, seed: int = 0) -> int:
     import torch
 
     from ..io import atomic_write_text
-    from .rasa import load_rasa_head
+    from ..methods.rasa import load_rasa_head
 
     h = load_rasa_head(head)
     info = inspect_head(h)

@@ -8,8 +8,8 @@ import torch
 
 from dinokit.backbones import WeightsUnavailableError
 from dinokit.backbones.shards import load_feature_dir, read_shard, write_shard
+from dinokit.commands.rasa import _crop_for_patch, apply, fit
 from dinokit.methods.rasa import RASAHead, load_rasa_head
-from dinokit.methods.rasa_commands import _crop_for_patch, apply, fit
 
 D = 32
 
@@ -102,7 +102,7 @@ def test_fit_reads_a_voc_layout(tmp_path):
 def test_apply_on_dinokit_features_output(tmp_path):
     from PIL import Image
 
-    from dinokit.backbones.commands import features
+    from dinokit.commands.features import features
 
     rng = np.random.default_rng(0)
     (tmp_path / "imgs").mkdir()
@@ -118,7 +118,7 @@ def test_apply_on_dinokit_features_output(tmp_path):
 
 
 def test_convert_and_inspect(tmp_path, capsys):
-    from dinokit.methods.rasa_commands import convert, inspect, inspect_head
+    from dinokit.commands.rasa import convert, inspect, inspect_head
 
     head = RASAHead(D, stage_weights=torch.randn(3, 2, D))
     up = head.save(tmp_path / "h.pth")

@@ -5,7 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from . import command, group
 
+group("classify", "The localized-crop classification recipe (ResNet-50 / ViT on CUB-style data)")
+
+
+@command("classify fit")
 def fit(data: str = "synthetic", out: Path = Path("runs/classify"), crop: str = "rrc", boxes: str = "gt",
         thr: float = 1.0, missing_box: str = "error", density_source: str = "online",
         density_cache: Path | None = None, density_backbone: str = "demo_vit", density_weights: str = "random",
@@ -68,7 +73,7 @@ def fit(data: str = "synthetic", out: Path = Path("runs/classify"), crop: str = 
 
     from ..data import crops as C
     from ..io import atomic_write_text, run_metadata
-    from . import classifier as K
+    from ..methods import classifier as K
 
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()
               if k not in ("torch", "C", "K", "atomic_write_text", "run_metadata")}

@@ -14,6 +14,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import command, group
+
+group("eval", "Dense evaluation protocols: overclustering, linear probe, Hummingbird, position, entropy, boxes")
+
+
 SEED_TOKEN_LIMIT = 10
 
 
@@ -131,6 +136,7 @@ def _write(out: Path, task: str, metrics: dict, meta: dict) -> Path:
     return path
 
 
+@command("eval overcluster")
 def overcluster(data: Path, out: Path = Path("runs/eval"), backbone: str = "dinov2_vits14",
                 weights: str = "pretrained", split: str = "val", size: int = 448, protocol: str = "fast100",
                 ks: list[int] | None = None, seeds: list[int] | None = None, niter: int = 100, nredo: int = 5,
@@ -186,6 +192,7 @@ def overcluster(data: Path, out: Path = Path("runs/eval"), backbone: str = "dino
     return 0
 
 
+@command("eval linear")
 def linear(data: Path, out: Path = Path("runs/eval"), backbone: str = "dinov2_vits14", weights: str = "pretrained",
            train_split: str = "train", split: str = "val", size: int = 448, protocol: str = "fast100",
            lrs: list[float] | None = None, epochs: int = 25, iterations: int = 40_000, batch_size: int | None = None,
@@ -278,6 +285,7 @@ def augment_memory_view(image, mask, size: int, seed: int):
     return img.permute(1, 2, 0).numpy().astype(np.uint8), m.long()
 
 
+@command("eval hummingbird")
 def hummingbird(data: Path, out: Path = Path("runs/eval"), backbone: str = "dinov2_vits14",
                 weights: str = "pretrained", train_split: str = "train", split: str = "val", size: int = 504,
                 memory_size: int | None = 102_400, epochs: int = 2, k: int = 30, beta: float = 0.02,
@@ -388,6 +396,7 @@ def _flip_images(images: list, seed: int) -> list:
     return out
 
 
+@command("eval position")
 def position(data: Path, out: Path = Path("runs/eval"), backbone: str = "dinov2_vits14", weights: str = "pretrained",
              train_split: str = "train", split: str = "val", size: int = 224, n_train: int = 2000,
              decorrelate: str = "flip", probe: str = "sigmoid", epochs: int = 5, lr: float = 2e-4,
@@ -450,6 +459,7 @@ def position(data: Path, out: Path = Path("runs/eval"), backbone: str = "dinov2_
     return 0
 
 
+@command("eval entropy")
 def entropy(data: Path, out: Path = Path("runs/eval"), backbone: str = "dinov2_vits14", weights: str = "pretrained",
             split: str = "val", size: int = 448, k: int = 100, seeds: list[int] | None = None, niter: int = 100,
             nredo: int = 5, n_images: int | None = None, features: Path | None = None, batch_size: int = 32,
@@ -488,6 +498,7 @@ def entropy(data: Path, out: Path = Path("runs/eval"), backbone: str = "dinov2_v
     return 0
 
 
+@command("eval boxes")
 def boxes(preds: Path, data: Path, out: Path = Path("runs/eval"), split: str = "val", protocol: str = "native",
           method: str = "pred", fmt: str = "xywh", hard: str = "keep", empty_gt: str = "miss",
           iou_mode: str = "standard", dataset_key: str | None = None, seed: int = 0) -> int:

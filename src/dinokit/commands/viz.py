@@ -5,6 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from . import command, group
+
+group("viz", "Figures: effective receptive field, attention maps, cross-correlation matrix")
+
 
 def load_checkpoint_backbone(checkpoint: Path | None, backbone: str, weights: str, device: str = "cpu"):
     """A Backbone from a Lightning checkpoint of ``dinokit bt fit`` / ``dinokit seg fit`` (its ``backbone.model.*``
@@ -42,10 +46,10 @@ def _images(data: str, split: str, n: int, size: int, seed: int, mean, std, devi
     import numpy as np
     from PIL import Image
 
+    from ..data.sources import open_source
     from ..data.transforms import to_tensor_batch
-    from ..methods.seg_heads_commands import open_data
 
-    ds, _ = open_data(data, split, seed, max(n, 1), size)
+    ds = open_source(data, split, n=max(n, 1), size=size, seed=seed)
     if len(ds) == 0:
         raise ValueError(f"{data} ({split}) has no images")
     imgs = []
@@ -56,6 +60,7 @@ def _images(data: str, split: str, n: int, size: int, seed: int, mean, std, devi
     return to_tensor_batch(imgs, mean, std, device)
 
 
+@command("viz erf")
 def erf(out: Path = Path("runs/viz"), checkpoint: Path | None = None, backbone: str = "demo_vit",
         weights: str = "random", data: str = "synthetic", split: str = "val", layers: list[str] | None = None,
         n_images: int = 16, image_size: int = 64, log_scale: bool = True, device: str = "cpu", seed: int = 0) -> int:
@@ -77,7 +82,7 @@ def erf(out: Path = Path("runs/viz"), checkpoint: Path | None = None, backbone: 
     """
     import torch
 
-    from .erf import effective_receptive_field, plot_erf
+    from ..viz.erf import effective_receptive_field, plot_erf
 
     torch.manual_seed(seed)
     bb = load_checkpoint_backbone(checkpoint, backbone, weights, device)
@@ -92,6 +97,7 @@ def erf(out: Path = Path("runs/viz"), checkpoint: Path | None = None, backbone: 
     return 0
 
 
+@command("viz attention")
 def attention(out: Path = Path("runs/viz"), checkpoint: Path | None = None, backbone: str = "demo_vit",
               weights: str = "random", data: str = "synthetic", split: str = "val", n_images: int = 6,
               image_size: int = 64, tau: float = 0.6, block: int = -1, device: str = "cpu", seed: int = 0) -> int:
@@ -111,7 +117,7 @@ def attention(out: Path = Path("runs/viz"), checkpoint: Path | None = None, back
         device: torch device.
         seed: random seed (synthetic data).
     """
-    from .callbacks import attention_figure, crop_to_patches, head_attention
+    from ..viz.callbacks import attention_figure, crop_to_patches, head_attention
 
     bb = load_checkpoint_backbone(checkpoint, backbone, weights, device)
     if not bb.is_vit:
@@ -124,6 +130,7 @@ def attention(out: Path = Path("runs/viz"), checkpoint: Path | None = None, back
     return 0
 
 
+@command("viz ccm")
 def ccm(checkpoint: Path, out: Path = Path("runs/viz"), data: str = "synthetic", split: str = "val",
         n_images: int = 64, batch_size: int = 32, image_size: int = 64, augment: str = "official",
         crop_scale: tuple[float, float] = (0.08, 1.0), max_dims: int = 256, device: str = "cpu",
@@ -148,10 +155,10 @@ def ccm(checkpoint: Path, out: Path = Path("runs/viz"), data: str = "synthetic",
     """
     import torch
 
+    from ..data.sources import open_source
     from ..io import atomic_write_text
     from ..methods.barlow_twins import BarlowTwinsModule, TwoViews, barlow_twins_views
-    from ..methods.seg_heads_commands import open_data
-    from .callbacks import ccm_figure, ccm_stats
+    from ..viz.callbacks import ccm_figure, ccm_stats
 
     if batch_size < 2:
         raise ValueError("--batch_size must be >= 2 (the cross-correlation standardises over the batch)")
@@ -159,7 +166,7 @@ def ccm(checkpoint: Path, out: Path = Path("runs/viz"), data: str = "synthetic",
     module = BarlowTwinsModule.load_from_checkpoint(str(checkpoint), map_location="cpu", weights="random")
     module = module.to(device).eval()
     bb = module.backbone
-    ds, _ = open_data(data, split, seed, n_images, image_size)
+    ds = open_source(data, split, n=n_images, size=image_size, seed=seed)
     views = TwoViews(ds, barlow_twins_views(augment, image_size, bb.mean, bb.std, tuple(crop_scale)))
     dl = torch.utils.data.DataLoader(views, batch_size, shuffle=False, drop_last=True)
     total, count = None, 0

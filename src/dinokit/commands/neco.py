@@ -14,14 +14,19 @@ from pathlib import Path
 
 import torch
 
+from . import command, group
+
 log = logging.getLogger(__name__)
+group("neco", "NeCo dense post-training by patch-neighbour consistency, and its export")
+
+
 _MODULE_CLASS = None
 
 
 def _define_module():
     import lightning as L
 
-    from .neco import NeCo, cosine_schedule, param_groups
+    from ..methods.neco import NeCo, cosine_schedule, param_groups
 
     class NeCoModule(L.LightningModule):
         """Lightning wrapper of :class:`~dinokit.methods.neco.NeCo`.
@@ -159,7 +164,7 @@ def build_neco(backbone: str, weights: str, cfg, drop_path_rate: float, pos_inte
                drop_registers: bool = False):
     """Student (drop-path ``drop_path_rate``) + teacher (drop-path 0, same weights) + heads."""
     from ..backbones import load_backbone
-    from .neco import NeCo
+    from ..methods.neco import NeCo
 
     kw = dict(pos_interp=pos_interp, size_policy=size_policy, model_kwargs=model_kwargs)
     if drop_registers:
@@ -170,6 +175,7 @@ def build_neco(backbone: str, weights: str, cfg, drop_path_rate: float, pos_inte
 
 
 # ------------------------------------------------------------------------------------------- commands
+@command("neco fit")
 def fit(out: Path = Path("runs/neco"), backbone: str = "dinov2_vits14", weights: str = "pretrained",
         drop_registers: bool = False,
         data: str = "synthetic", synthetic_images: int = 256, synthetic_size: int = 96,
@@ -249,7 +255,7 @@ def fit(out: Path = Path("runs/neco"), backbone: str = "dinov2_vits14", weights:
 
     from ..data.neco_views import NeCoViews, neco_collate
     from ..io import atomic_write_text, run_metadata
-    from .neco import NeCoConfig
+    from ..methods.neco import NeCoConfig
 
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()
               if k not in ("L", "DataLoader", "NeCoViews", "neco_collate", "atomic_write_text", "run_metadata",
@@ -375,6 +381,7 @@ def load_checkpoint_backbone(ckpt: Path, which: str = "student"):
     return bb, head_sd, json.loads(meta.get("config", "{}"))
 
 
+@command("neco export")
 def export(ckpt: Path, out: Path = Path("neco_student.safetensors"), which: str = "student",
            format: str = "dinokit", with_head: bool = False, seed: int = 0) -> int:
     """Export the student (or teacher) backbone of a NeCo checkpoint for ``load_backbone(weights=PATH)``.

@@ -12,9 +12,10 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 from dinokit.backbones import load_backbone
-from dinokit.backbones.commands import ImageInput, extract_features
+from dinokit.backbones.extract import extract_features
 from dinokit.backbones.shards import load_feature_dir, read_shard
 from dinokit.cli import main
+from dinokit.data.sources import ImageInput
 from dinokit.data.synthetic import render_scene
 
 SIZE = 32  # tiny_dino has p 16 -> 2x2 grid
@@ -80,7 +81,7 @@ def test_kill_and_resume_gives_identical_shards(tmp_path, weights, monkeypatch):
     root = _images(tmp_path / "imgs", 9)
     ref = tmp_path / "ref"
     extract_features(_bb(weights), ImageInput(root, (SIZE, SIZE)), ref, batch_size=2, shard_size=3, progress=False)
-    import dinokit.backbones.commands as cmd
+    import dinokit.backbones.extract as cmd
 
     real = cmd.write_shard
     calls = {"n": 0}

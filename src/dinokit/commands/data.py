@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from . import command, group
 
+group("data", "Prepare datasets (COCO-Things-12 and other derived layouts)")
+
+
+@command("synth")
 def synth(out: Path = Path("synthetic"), n_train: int = 64, n_val: int = 64, size: int = 96, seed: int = 0,
           layouts: str = "voc,cub", image_format: str = "jpg", overwrite: bool = False) -> int:
     """Render the synthetic benchmark to disk (VOC-style segmentation and CUB-style fine-grained layouts).
@@ -22,8 +27,8 @@ def synth(out: Path = Path("synthetic"), n_train: int = 64, n_val: int = 64, siz
         image_format: jpg (as the real datasets; quality 95, 4:4:4) or png (exact pixels).
         overwrite: replace existing layout folders.
     """
+    from ..data.layouts import summary_json, write_cub_layout, write_voc_layout
     from ..io import atomic_write_text
-    from .layouts import summary_json, write_cub_layout, write_voc_layout
 
     wanted = [s.strip() for s in layouts.split(",") if s.strip()]
     unknown = sorted(set(wanted) - {"voc", "cub"})
@@ -41,6 +46,7 @@ def synth(out: Path = Path("synthetic"), n_train: int = 64, n_val: int = 64, siz
     return 0
 
 
+@command("data prepare")
 def prepare(dataset: str = "coco-things12", root: Path = Path("coco"), split: str = "train", overwrite: bool = False,
             seed: int = 0) -> int:
     """Convert a dataset's annotations once into the form its loader reads fastest.
@@ -55,7 +61,7 @@ def prepare(dataset: str = "coco-things12", root: Path = Path("coco"), split: st
         overwrite: rebuild an existing prepared folder.
         seed: unused (every command takes a seed); the conversion is deterministic.
     """
-    from .datasets import prepare_coco_things12
+    from ..data.datasets import prepare_coco_things12
 
     if dataset != "coco-things12":
         raise ValueError(f"dataset {dataset!r} needs no preparation; only coco-things12 does")

@@ -5,43 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-SYNTHETIC = "synthetic"
+from . import command, group
+
+group("seg", "Segmentation heads on frozen or fine-tuned backbones")
 
 
-def open_data(data: str, split: str, seed: int = 0, n: int = 64, size: int = 64, fine_grained: bool = False):
-    """``"synthetic"`` (the embedded benchmark, split seeds ``seed*10 + {train: 0, val: 1, test: 2}``) or a dataset
-    path / ``key:path`` for :func:`dinokit.data.datasets.open_dataset`. Returns (dataset, num_classes)."""
-    if str(data) == SYNTHETIC:
-        from ..data.synthetic import num_seg_classes
-        from .seg_heads import SyntheticSegmentation
-
-        offsets = {"train": 0, "val": 1, "test": 2}
-        if split not in offsets:
-            raise ValueError(f"synthetic data has splits {list(offsets)}, got {split!r}")
-        return SyntheticSegmentation(n, (size, size), seed * 10 + offsets[split], fine_grained), \
-            num_seg_classes(fine_grained)
-    from ..data.datasets import open_dataset
-
-    ds = open_dataset(data, split)
-    return ds, int(getattr(ds, "num_classes", 0) or 0)
-
-
-def trainer_kwargs(accelerator: str, devices: int, precision: str, max_epochs: int, out: Path,
-                   max_steps: int = -1) -> dict:
-    """Common Trainer settings of the dinokit training commands (CSV logger under ``out``)."""
-    from lightning.pytorch.loggers import CSVLogger
-
-    kw: dict = dict(max_epochs=max_epochs, max_steps=max_steps, accelerator=accelerator, devices=devices,
-                    precision=precision, default_root_dir=str(out), logger=CSVLogger(str(out), name="logs"),
-                    enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1,
-                    num_sanity_val_steps=0)
-    if devices > 1:
-        kw["strategy"] = "ddp"
-        kw["sync_batchnorm"] = accelerator in ("gpu", "cuda")
-    return kw
-
-
-def fit(data: str = SYNTHETIC, out: Path = Path("runs/seg"), head: str = "linear", backbone: str = "demo_vit",
+@command("seg fit")
+def fit(data: str = "synthetic", out: Path = Path("runs/seg"), head: str = "linear", backbone: str = "demo_vit",
         weights: str = "random", freeze_backbone: bool = True, loss: str = "ce", protocol: str = "orig",
         train_size: int = 224, eval_short_side: int = 320, recvis_size: int = 224, vflip: bool = False,
         max_epochs: int = 10, max_steps: int = -1, batch_size: int = 32, lr: float = 5e-3,
@@ -83,8 +53,9 @@ def fit(data: str = SYNTHETIC, out: Path = Path("runs/seg"), head: str = "linear
     import lightning.pytorch as pl
     import torch
 
+    from ..data.sources import is_synthetic, open_source
     from ..io import atomic_write_text, run_metadata
-    from .seg_heads import (
+    from ..methods.seg_heads import (
         HEADS,
         Mapped,
         SegEvalTransform,
@@ -93,13 +64,15 @@ def fit(data: str = SYNTHETIC, out: Path = Path("runs/seg"), head: str = "linear
         collate_eval,
         collate_train,
     )
+    from ..methods.training import trainer_kwargs
 
     if head not in HEADS:
         raise ValueError(f"--head {head!r}: choose one of {HEADS}")
     pl.seed_everything(seed, workers=True)
     out = Path(out)
-    train_ds, k = open_data(data, "train", seed, synthetic_n, synthetic_size)
-    val_ds, _ = open_data(data, "val", seed, synthetic_n, synthetic_size)
+    train_ds = open_source(data, "train", n=synthetic_n, size=synthetic_size, seed=seed)
+    k = int(getattr(train_ds, "num_classes", 0) or 0)
+    val_ds = open_source(data, "val", n=synthetic_n, size=synthetic_size, seed=seed)
     if k <= 0:
         raise ValueError(f"{data}: the dataset does not declare its number of classes")
     module = SegmentationModule(backbone, "random" if resume else weights, head, k, freeze_backbone, loss, lr,
@@ -118,7 +91,7 @@ def fit(data: str = SYNTHETIC, out: Path = Path("runs/seg"), head: str = "linear
                          deterministic="warn")
     trainer.fit(module, train_dl, val_dl, ckpt_path=str(resume) if resume else None)
     miou = float(trainer.callback_metrics["val/miou"])
-    name = SYNTHETIC if str(data) == SYNTHETIC else getattr(train_ds, "key", "dataset")
+    name = "synthetic" if is_synthetic(data) else getattr(train_ds, "key", "dataset")
     result = {f"{name}/seghead/{protocol}/{head}/miou": miou,
               "meta": run_metadata(dict(data=str(data), head=head, backbone=backbone, freeze_backbone=freeze_backbone,
                                         loss=loss, train_size=train_size, eval_short_side=eval_short_side,

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .crops import FIXED_THRESHOLD
+from . import command, group
+
+group("crops", "Attention-guided crops: the maIoU curve and the attention-density cache")
 
 
 def _load_images(data: str, split: str, split_mode: str, n_images: int, image_size: int, seed: int,
@@ -14,12 +16,12 @@ def _load_images(data: str, split: str, split_mode: str, n_images: int, image_si
     import numpy as np
 
     if data == "synthetic":
-        from .synthetic import SyntheticScenes
+        from ..data.synthetic import SyntheticScenes
 
         scenes = SyntheticScenes(n_images, (image_size, image_size), seed=seed, fine_grained=fine_grained)
         items = [scenes[i] for i in range(len(scenes))]
         return [s.image for s in items], [s.image_id for s in items], [s.boxes for s in items], "synthetic"
-    from .datasets import CUB200
+    from ..data.datasets import CUB200
 
     root = Path(data)
     if not root.exists():
@@ -35,10 +37,11 @@ def _load_images(data: str, split: str, split_mode: str, n_images: int, image_si
     return images, ids, gts, "cub"
 
 
+@command("boxes")
 def boxes(data: str = "synthetic", out: Path = Path("runs/boxes/boxes.json"), backbone: str = "demo_vit",
           weights: str = "random", split: str = "all", split_mode: str = "dinov2_consistent", n_images: int = 64,
           image_size: int = 64, block: int = -1, size: str = "native", autocontrast: bool = True,
-          values: str = "logit", outlier: bool = True, rule: str = "fixed", threshold: float = FIXED_THRESHOLD,
+          values: str = "logit", outlier: bool = True, rule: str = "fixed", threshold: float | None = None,
           tau: float = 0.6, box: str = "centroid", largest_component: bool = False, batch_size: int = 32,
           n_overlays: int = 8, device: str = "cpu", seed: int = 0) -> int:
     """Pseudo ground-truth boxes from CLS attention: JSON {image_id: [x, y, w, h]}, metadata, overlays, metrics.
@@ -58,7 +61,7 @@ def boxes(data: str = "synthetic", out: Path = Path("runs/boxes/boxes.json"), ba
         values: ``logit`` (log attention, default) or ``prob``.
         outlier: replace each head's maximum by its mean.
         rule: ``fixed`` (m >= threshold) or ``mass`` (keep tau of the attention mass).
-        threshold: the fixed-rule threshold on the min-max map (0.70793 = the reference's uint8 chain).
+        threshold: the fixed-rule threshold on the min-max map (default: the reference's uint8 chain, 0.70793).
         tau: mass fraction of the mass rule.
         box: ``centroid`` (the reference rule) or ``extent``.
         largest_component: keep the largest 8-connected component of the mask.
@@ -71,11 +74,12 @@ def boxes(data: str = "synthetic", out: Path = Path("runs/boxes/boxes.json"), ba
     import torch
 
     from ..backbones import load_backbone
+    from ..data import crops as C
     from ..eval.boxes import box_aiou, corloc, miou_box
     from ..io import atomic_write_text, run_metadata
-    from . import crops as C
 
     torch.manual_seed(seed)
+    threshold = C.FIXED_THRESHOLD if threshold is None else threshold
     cfg = C.BoxConfig(block=block, size=size, autocontrast=autocontrast, values=values, outlier=outlier, rule=rule,
                       threshold=threshold, tau=tau, box=box, largest_component=largest_component,
                       batch_size=batch_size)
@@ -149,6 +153,7 @@ def _parse_range(spec: str) -> list[float]:
         raise ValueError(f"thr={spec!r}: expected start:stop:step (e.g. 0:1:0.1) or a comma list") from err
 
 
+@command("crops maiou-curve")
 def maiou_curve(boxes: str = "synthetic", data: str | None = None, thr: str = "0:1:0.1", maiou: float | None = None,
                 n_images: int = 20000, out: Path = Path("runs/maiou_curve"), seed: int = 0) -> int:
     """maIoU of LocalizedRandomResizedCrop against thr on a set of boxes, plotted next to the published curve.
@@ -164,9 +169,9 @@ def maiou_curve(boxes: str = "synthetic", data: str | None = None, thr: str = "0
     """
     import numpy as np
 
+    from ..data import crops as C
     from ..io import atomic_write_text, run_metadata
     from ..viz.maps import save_figure
-    from . import crops as C
 
     if maiou is not None:
         if maiou > 1:
@@ -183,7 +188,7 @@ def maiou_curve(boxes: str = "synthetic", data: str | None = None, thr: str = "0
             raise ValueError(f"boxes={boxes!r} needs data=<CUB root> for the image sizes")
         from PIL import Image
 
-        from .datasets import CUB200
+        from ..data.datasets import CUB200
 
         sets = [CUB200(data, split=s, split_mode="official") for s in ("train", "test")]
         ids = [str(i) for ds in sets for i in ds.cub_ids]
@@ -243,6 +248,7 @@ def _rrc_maiou(bx: list, sizes: list, seed: int) -> float:
     return mean_aiou(np.asarray(crops, np.float64), [np.asarray([b], np.float64) for b in bx], fmt="xywh")
 
 
+@command("crops density-cache")
 def density_cache(data: str = "synthetic", out: Path = Path("runs/density_cache.safetensors"),
                   backbone: str = "demo_vit", weights: str = "random", split: str = "all",
                   split_mode: str = "dinov2_consistent", n_images: int = 64, image_size: int = 64, block: int = -1,
@@ -268,7 +274,7 @@ def density_cache(data: str = "synthetic", out: Path = Path("runs/density_cache.
         seed: seed of the synthetic scenes.
     """
     from ..backbones import load_backbone
-    from . import crops as C
+    from ..data import crops as C
 
     images, ids, _, _ = _load_images(data, split, split_mode, n_images, image_size, seed)
     bb = load_backbone(backbone, weights=weights, device=device).eval()

@@ -5,8 +5,8 @@ import torch
 
 pytest.importorskip("lightning.pytorch")
 
+from dinokit.commands.seg import fit  # noqa: E402
 from dinokit.methods.seg_heads import SegmentationModule  # noqa: E402
-from dinokit.methods.seg_heads_commands import fit  # noqa: E402
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")

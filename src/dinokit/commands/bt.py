@@ -6,6 +6,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from . import command, group
+
+group("bt", "Barlow Twins pretraining of ViTs")
+
 
 def export_backbone(backbone, path: Path) -> Path:
     """Write the backbone's timm state dict as a dinokit-format safetensors file (``load_backbone(weights=path)``)."""
@@ -19,6 +23,7 @@ def export_backbone(backbone, path: Path) -> Path:
     return path
 
 
+@command("bt fit")
 def fit(data: str = "synthetic", out: Path = Path("runs/bt"), backbone: str = "demo_vit", weights: str = "random",
         projector: str = "small", pool: str = "cls", lambd: float = 0.0051, norm: str = "batchnorm",
         eps: float = 1e-5, augment: str = "official", image_size: int = 224,
@@ -70,10 +75,11 @@ def fit(data: str = "synthetic", out: Path = Path("runs/bt"), backbone: str = "d
     import torch
     from lightning.pytorch.callbacks import ModelCheckpoint
 
+    from ..data.sources import open_source
     from ..io import atomic_write_text, run_metadata
+    from ..methods.barlow_twins import BarlowTwinsModule, TwoViews, barlow_twins_views
+    from ..methods.training import trainer_kwargs
     from ..viz import callbacks as cbs
-    from .barlow_twins import BarlowTwinsModule, TwoViews, barlow_twins_views
-    from .seg_heads_commands import open_data, trainer_kwargs
 
     if batch_size < 2:
         raise ValueError(f"--batch_size {batch_size}: Barlow Twins standardises each dimension over the batch, so "
@@ -90,8 +96,8 @@ def fit(data: str = "synthetic", out: Path = Path("runs/bt"), backbone: str = "d
     if image_size % p:
         raise ValueError(f"--image_size {image_size} is not a multiple of the patch size {p} of {backbone}")
     views = barlow_twins_views(augment, image_size, bb.mean, bb.std, tuple(crop_scale))
-    train_ds, _ = open_data(data, "train", seed, synthetic_n, synthetic_size)
-    val_ds, _ = open_data(data, "val", seed, synthetic_n, synthetic_size)
+    train_ds = open_source(data, "train", n=synthetic_n, size=synthetic_size, seed=seed)
+    val_ds = open_source(data, "val", n=synthetic_n, size=synthetic_size, seed=seed)
     g = torch.Generator().manual_seed(seed)
     train_dl = torch.utils.data.DataLoader(TwoViews(train_ds, views), batch_size, shuffle=True, drop_last=True,
                                            num_workers=num_workers, generator=g)

@@ -1,0 +1,124 @@
+"""Batched, sharded, streaming feature extraction: ``DenseFeatures`` of a dataset into safetensors shards.
+
+Used by ``dinokit features``, the evaluation commands and the demo. The dataset yields dicts with a uint8
+``image`` (3, H, W), ``id``, ``index``, ``ok`` and ``reason`` (see ``dinokit.data.sources.ImageInput``); no model runs
+in ``__getitem__``. Shard k holds dataset positions [k*S, (k+1)*S), so the shards do not depend on the number of
+processes; rank r of W writes the shards k = r mod W.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .shards import read_shard, shard_is_complete, shard_name, write_shard
+
+
+def _collate(items: list[dict]) -> dict:
+    return {"image": torch.stack([it["image"] for it in items]), "id": [it["id"] for it in items],
+            "index": torch.tensor([it["index"] for it in items]), "ok": torch.tensor([it["ok"] for it in items]),
+            "reason": [it["reason"] for it in items]}
+
+
+def backbone_record(bb) -> dict:
+    """What identifies the features of a backbone (stored in every shard)."""
+    return {"name": bb.name, "arch": bb.arch, "patch_size": bb.patch_size, "embed_dim": bb.embed_dim,
+            "num_registers": bb.num_registers, "weights": bb.weights_info}
+
+
+class _ShardBuffer:
+    """Tokens of one shard as batches arrive; ``write`` saves it atomically and returns its image count."""
+
+    def __init__(self, k: int):
+        self.k, self.grid = k, None
+        self.parts: dict[str, list[torch.Tensor]] = {"patch": [], "cls": [], "registers": [], "index": []}
+        self.ids: list[str] = []
+        self.bad: list[tuple[str, str]] = []
+
+    def add(self, f, index: torch.Tensor, ids: list[str], dtype: torch.dtype) -> None:
+        self.grid = f.grid
+        self.parts["patch"].append(f.patch.to("cpu", dtype))
+        if f.cls is not None:
+            self.parts["cls"].append(f.cls.to("cpu", dtype))
+        self.parts["registers"].append(f.registers.to("cpu", dtype))
+        self.parts["index"].append(index)
+        self.ids += ids
+
+    def write(self, out: Path, backbone, dtype: torch.dtype, meta: dict, grid: tuple[int, int]) -> int:
+        """``grid``: the expected grid, used when every image of the shard was bad (an empty shard)."""
+        tensors = {n: torch.cat(v) for n, v in self.parts.items() if v}
+        if self.grid is None:  # every image of this shard was bad: an empty shard keeps the bookkeeping
+            D, R = backbone.embed_dim, backbone.num_registers
+            tensors = {"patch": torch.zeros(0, *grid, D, dtype=dtype), "registers": torch.zeros(0, R, D, dtype=dtype),
+                       "index": torch.zeros(0, dtype=torch.long)}
+        tensors["grid"] = torch.tensor(self.grid or grid)
+        write_shard(out / shard_name(self.k), tensors, self.ids, {**meta, "bad_files": self.bad})
+        return len(self.ids)
+
+
+def dist_info() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+@torch.no_grad()
+def extract_features(backbone, data: Dataset, out: Path, *, batch_size: int = 32, shard_size: int = 256,
+                     store_dtype: torch.dtype = torch.float32, num_workers: int = 0, meta: dict | None = None,
+                     rank: int | None = None, world_size: int | None = None, progress: bool = True) -> dict:
+    """Extract ``DenseFeatures`` of every item into shards under ``out``; returns a summary dict.
+
+    Shard k holds positions [k*shard_size, (k+1)*shard_size); rank r of W writes the shards k = r mod W, so the
+    result does not depend on W. Finished shards are skipped (resume); each shard is written atomically.
+    """
+    from rich.progress import Progress
+
+    r0, w0 = dist_info()
+    rank, world_size = (r0 if rank is None else rank), (w0 if world_size is None else world_size)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = next(backbone.parameters()).device
+    mean = torch.tensor(backbone.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(backbone.std, device=device).view(1, 3, 1, 1)
+    n_shards = (len(data) + shard_size - 1) // shard_size
+    mine = [k for k in range(n_shards) if k % world_size == rank]
+    todo = [k for k in mine if not shard_is_complete(out / shard_name(k))]
+    meta = {**(meta or {}), "backbone": backbone_record(backbone)}
+    bad: list[tuple[str, str]] = []
+    done_images = 0
+    # one loader for the whole run (workers start once); batches never straddle a shard boundary
+    batches = [list(range(j, min(j + batch_size, (k + 1) * shard_size, len(data))))
+               for k in todo for j in range(k * shard_size, min((k + 1) * shard_size, len(data)), batch_size)]
+    loader = DataLoader(data, batch_sampler=batches, num_workers=num_workers, collate_fn=_collate,
+                        pin_memory=device.type == "cuda")
+    shard: _ShardBuffer | None = None
+    grid = backbone.grid_size(*data.size) if hasattr(data, "size") else (0, 0)
+    with Progress(disable=not progress or rank != 0) as bar:
+        task = bar.add_task("features", total=len(todo))
+        for batch in loader:
+            k = int(batch["index"][0]) // shard_size
+            if shard is None or shard.k != k:
+                if shard is not None:
+                    done_images += shard.write(out, backbone, store_dtype, meta, grid)
+                    bar.advance(task)
+                shard = _ShardBuffer(k)
+            ok = batch["ok"]
+            shard.bad += [(i, r) for i, r, g in zip(batch["id"], batch["reason"], ok.tolist()) if not g]
+            if not ok.any():
+                continue
+            x = batch["image"][ok].to(device, non_blocking=True).float().div_(255.0)
+            f = backbone.forward_features((x - mean) / std)
+            shard.add(f, batch["index"][ok], [i for i, g in zip(batch["id"], ok.tolist()) if g], store_dtype)
+        if shard is not None:
+            done_images += shard.write(out, backbone, store_dtype, meta, grid)
+            bar.advance(task)
+    # bad files of every shard of this rank, including shards finished by an earlier (killed) run
+    for k in mine:
+        _, _, m = read_shard(out / shard_name(k))
+        bad += [tuple(b) for b in m.get("bad_files", [])]
+    return {"rank": rank, "world_size": world_size, "shards": len(mine), "written": len(todo),
+            "images": done_images, "bad": bad, "n_shards": n_shards}
+
+
