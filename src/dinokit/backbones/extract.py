@@ -16,6 +16,30 @@ from torch.utils.data import DataLoader, Dataset
 from .shards import read_shard, shard_is_complete, shard_name, write_shard
 
 
+def normalise(backbone, x: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, H, W) on any device -> float (B, 3, H, W) normalised with the backbone's mean and std there."""
+    mean = torch.tensor(backbone.mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(backbone.std, device=x.device).view(1, 3, 1, 1)
+    return (x.float().div_(255.0) - mean) / std
+
+
+@torch.no_grad()
+def patch_features(backbone, images, batch_size: int = 32, device: str | torch.device | None = None) -> torch.Tensor:
+    """(N, h, w, D) fp32 CPU patch tokens of uint8 (H, W, 3) images (a list or an (N, H, W, 3) array), batched.
+
+    For a split that fits in memory (the demo, small probes); datasets stream through :func:`extract_features`.
+    """
+    import numpy as np
+
+    device = device or next(backbone.parameters()).device
+    out = []
+    for i in range(0, len(images), batch_size):
+        arr = np.ascontiguousarray(np.stack(images[i:i + batch_size]))
+        x = torch.from_numpy(arr).to(device).permute(0, 3, 1, 2)
+        out.append(backbone.forward_features(normalise(backbone, x)).patch.float().cpu())
+    return torch.cat(out)
+
+
 def _collate(items: list[dict]) -> dict:
     return {"image": torch.stack([it["image"] for it in items]), "id": [it["id"] for it in items],
             "index": torch.tensor([it["index"] for it in items]), "ok": torch.tensor([it["ok"] for it in items]),
@@ -80,8 +104,6 @@ def extract_features(backbone, data: Dataset, out: Path, *, batch_size: int = 32
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     device = next(backbone.parameters()).device
-    mean = torch.tensor(backbone.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(backbone.std, device=device).view(1, 3, 1, 1)
     n_shards = (len(data) + shard_size - 1) // shard_size
     mine = [k for k in range(n_shards) if k % world_size == rank]
     todo = [k for k in mine if not shard_is_complete(out / shard_name(k))]
@@ -108,8 +130,7 @@ def extract_features(backbone, data: Dataset, out: Path, *, batch_size: int = 32
             shard.bad += [(i, r) for i, r, g in zip(batch["id"], batch["reason"], ok.tolist()) if not g]
             if not ok.any():
                 continue
-            x = batch["image"][ok].to(device, non_blocking=True).float().div_(255.0)
-            f = backbone.forward_features((x - mean) / std)
+            f = backbone.forward_features(normalise(backbone, batch["image"][ok].to(device, non_blocking=True)))
             shard.add(f, batch["index"][ok], [i for i, g in zip(batch["id"], ok.tolist()) if g], store_dtype)
         if shard is not None:
             done_images += shard.write(out, backbone, store_dtype, meta, grid)

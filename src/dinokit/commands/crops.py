@@ -97,6 +97,8 @@ def boxes(data: str = "synthetic", out: Path = Path("runs/boxes/boxes.json"), ba
     C.write_box_json(out, pred, meta)
     stem = out.with_suffix("")
     if n_overlays > 0:
+        from ..viz.figures import draw_box_overlays
+
         draw_box_overlays(stem.with_name(stem.name + ".overlays.png"), images[:n_overlays], ids[:n_overlays], pred,
                   gts[:n_overlays] if gts else None)
     metrics: dict = {}
@@ -115,31 +117,6 @@ def boxes(data: str = "synthetic", out: Path = Path("runs/boxes/boxes.json"), ba
         atomic_write_text(stem.with_name(stem.name + ".metrics.json"), json.dumps(payload, indent=1, default=str))
     print(json.dumps({"boxes": str(out), "count": len(pred), "degenerate": len(degenerate), **metrics}, indent=1))
     return 0
-
-
-def draw_box_overlays(path: Path, images: list, ids: list[str], pred: dict, gts: list | None) -> None:
-    """Save a row of images with predicted (red, dashed) and ground-truth (green) ``[x, y, w, h]`` boxes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Rectangle
-
-    from ..viz.maps import save_figure
-
-    n = len(images)
-    fig, axes = plt.subplots(1, n, figsize=(2.2 * n, 2.4), squeeze=False)
-    for ax, im, i, g in zip(axes[0], images, ids, gts if gts is not None else [None] * n):
-        ax.imshow(im)
-        ax.axis("off")
-        for b in (g if g is not None else []):
-            ax.add_patch(Rectangle((b[0], b[1]), b[2], b[3], fill=False, ec="lime", lw=1.2))
-        x, y, w, h = pred[i]
-        ax.add_patch(Rectangle((x, y), w, h, fill=False, ec="red", lw=1.5, ls="--"))
-        ax.set_title(str(i)[-10:], fontsize=7)
-    fig.suptitle("pseudo-box (red, dashed) vs ground truth (green)", fontsize=8)
-    fig.tight_layout()
-    save_figure(fig, path, dpi=100)
 
 
 def _parse_range(spec: str) -> list[float]:
@@ -171,7 +148,7 @@ def maiou_curve(boxes: str = "synthetic", data: str | None = None, thr: str = "0
 
     from ..data import crops as C
     from ..io import atomic_write_text, run_metadata
-    from ..viz.maps import save_figure
+    from ..viz.figures import save_figure
 
     if maiou is not None:
         if maiou > 1:
@@ -202,7 +179,7 @@ def maiou_curve(boxes: str = "synthetic", data: str | None = None, thr: str = "0
         else:
             table = C.read_box_json(boxes, ids)
             bx = [table[i] for i in ids]
-    curve = {t: C.maiou(bx, sizes, t, seed=seed) for t in thrs}
+    curve = {t: C.localized_crop_maiou(bx, sizes, t, seed=seed) for t in thrs}
     rrc = _rrc_maiou(bx, sizes, seed)
     out = Path(out)
     tag = boxes if boxes in ("synthetic", "gt") else "file"

@@ -72,16 +72,9 @@ def _backbone(backbone: str, weights: str, device: str):
 
 
 def _extract(bb, images: list, device: str, batch_size: int = 32):
-    import torch
+    from ..backbones.extract import patch_features
 
-    from ..data.transforms import to_tensor_batch
-
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(images), batch_size):
-            x = to_tensor_batch(images[i:i + batch_size], bb.mean, bb.std, device)
-            out.append(bb.forward_features(x).patch.float().cpu())
-    return torch.cat(out)
+    return patch_features(bb, images, batch_size, device)
 
 
 def _features(split: _Split, features: Path | None, backbone: str, weights: str, size: int, device: str,
@@ -164,8 +157,8 @@ def overcluster(data: Path, out: Path = Path("runs/eval"), backbone: str = "dino
         n_figures: images drawn in the cluster-map figure.
         seed: recorded seed (k-means seeds are given by seeds).
     """
-    from ..eval.figures import save_confusion, save_label_grid
     from ..eval.overcluster import overcluster as run
+    from ..viz.figures import save_confusion, save_label_grid
 
     t0 = time.perf_counter()
     seeds = list(seeds) if seeds is not None else [0, 1, 2, 3, 4]
@@ -224,9 +217,9 @@ def linear(data: Path, out: Path = Path("runs/eval"), backbone: str = "dinov2_vi
         device: torch device.
         seed: probe seed (head init, shuffling).
     """
-    from ..eval.figures import save_confusion, save_curves
     from ..eval.hummingbird import select_subset
     from ..eval.linear_seg import linear_probe, lr_token
+    from ..viz.figures import save_confusion, save_curves
 
     t0 = time.perf_counter()
     from ..data.datasets import open_dataset
@@ -323,9 +316,9 @@ def hummingbird(data: Path, out: Path = Path("runs/eval"), backbone: str = "dino
     import torch
 
     from ..data.datasets import open_dataset
-    from ..eval.figures import save_confusion, save_label_grid
     from ..eval.hummingbird import hummingbird as run
     from ..eval.hummingbird import resolve_backend, select_subset
+    from ..viz.figures import save_confusion, save_label_grid
 
     t0 = time.perf_counter()
     ds = open_dataset(Path(data), train_split)
@@ -426,9 +419,9 @@ def position(data: Path, out: Path = Path("runs/eval"), backbone: str = "dinov2_
         seed: seed of the train subset and the flips.
     """
     from ..data.datasets import open_dataset
-    from ..eval.figures import save_curves
     from ..eval.hummingbird import select_subset
     from ..eval.position import position_probe
+    from ..viz.figures import save_curves
 
     if decorrelate not in ("flip", "none"):
         raise ValueError(f"--decorrelate {decorrelate!r}: choose flip or none")

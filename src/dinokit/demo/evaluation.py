@@ -14,15 +14,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..backbones.extract import patch_features
 from ..data.synthetic import num_seg_classes
-from ..data.transforms import to_tensor_batch
 from ..eval.boxes import corloc, maiou, miou_box, xywh_to_xyxy
 from ..eval.entropy import spatial_entropy_of_features
-from ..eval.figures import save_confusion, save_curves, save_label_grid
 from ..eval.hummingbird import hummingbird, soft_cell_labels
 from ..eval.linear_seg import linear_probe
 from ..eval.overcluster import overcluster
 from ..eval.position import position_probe
+from ..viz.figures import save_confusion, save_curves, save_label_grid
 from .foundation import demo_backbone, demo_scenes
 
 
@@ -30,12 +30,7 @@ def extract(bb, scenes, device: str, batch: int = 32) -> tuple[torch.Tensor, tor
     """(N, h, w, D) fp32 patch features, (N, H, W) int64 masks and the uint8 images of ``scenes``."""
     imgs = [scenes[i].image for i in range(len(scenes))]
     masks = torch.from_numpy(np.stack([scenes[i].mask for i in range(len(scenes))]).astype(np.int64))
-    feats = []
-    with torch.no_grad():
-        for i in range(0, len(imgs), batch):
-            feats.append(bb.forward_features(to_tensor_batch(imgs[i:i + batch], bb.mean, bb.std, device))
-                         .patch.float().cpu())
-    return torch.cat(feats), masks, imgs
+    return patch_features(bb, imgs, batch, device), masks, imgs
 
 
 def oracle_features(masks: torch.Tensor, grid: tuple[int, int], num_classes: int, noise: float = 0.05,

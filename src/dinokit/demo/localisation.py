@@ -9,10 +9,10 @@ import torch
 
 
 def run(ctx) -> dict[str, float | int | str]:
-    from ..commands.crops import draw_box_overlays
     from ..data import crops as C
     from ..eval.boxes import corloc, miou_box
     from ..methods import classifier as K
+    from ..viz.figures import draw_box_overlays
     from .foundation import demo_backbone, demo_scenes
 
     t0 = time.perf_counter()

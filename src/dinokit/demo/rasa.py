@@ -17,6 +17,7 @@ import time
 import numpy as np
 import torch
 
+from ..backbones.extract import patch_features
 from ..data.synthetic import num_seg_classes
 from ..eval.linear_seg import linear_probe
 from ..eval.overcluster import overcluster
@@ -48,14 +49,7 @@ def _views(images: list[np.ndarray], seed: int) -> list[np.ndarray]:
 
 
 def _features(bb, images: list[np.ndarray], device: str, batch: int = 64) -> torch.Tensor:
-    from ..data.transforms import to_tensor_batch
-
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(images), batch):
-            out.append(bb.forward_features(to_tensor_batch(images[i:i + batch], bb.mean, bb.std, device))
-                       .patch.float().cpu())
-    return torch.cat(out)
+    return patch_features(bb, images, batch, device)
 
 
 def _evaluate(tf, tm, ef, em, c: int, seed: int, quick: bool) -> dict[str, float]:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .maps import save_figure
+from .figures import save_figure
 
 LAYOUTS = ("auto", "nchw", "nlc", "nhwc")
 

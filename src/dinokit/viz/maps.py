@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -53,44 +51,8 @@ def upsample_map(m: torch.Tensor | np.ndarray, size: tuple[int, int], mode: str 
     return (t[0].permute(1, 2, 0) if chan else t[0, 0]).numpy()
 
 
-def save_grid(path: str | Path, panels: list[list[np.ndarray]], titles: list[list[str]] | None = None,
-              cmap: str = "inferno", overlays: list[list[np.ndarray | None]] | None = None) -> Path:
-    """Save a rows x cols grid of images (uint8/float RGB, or 2-D maps drawn with ``cmap``), atomically.
+# TODO(layout): the figure writers moved to viz/figures.py; this re-export goes once every caller imports from there
+def save_figure(*args, **kwargs):  # noqa: D103
+    from .figures import save_figure as f
 
-    ``overlays[r][c]``, when given, is a 2-D heat map drawn semi-transparently over that panel.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows, cols = len(panels), max(len(r) for r in panels)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.2 * rows), squeeze=False)
-    for r in range(rows):
-        for c in range(cols):
-            ax = axes[r][c]
-            ax.axis("off")
-            if c >= len(panels[r]):
-                continue
-            img = panels[r][c]
-            ax.imshow(img, cmap=cmap if img.ndim == 2 else None, interpolation="nearest")
-            ov = overlays[r][c] if overlays and c < len(overlays[r]) else None
-            if ov is not None:
-                ax.imshow(ov, cmap=cmap, alpha=0.55, interpolation="bilinear")
-            if titles and c < len(titles[r]):
-                ax.set_title(titles[r][c], fontsize=7)
-    fig.tight_layout()
-    return save_figure(fig, path, dpi=110)
-
-
-def save_figure(fig, path: str | Path, dpi: int = 100) -> Path:
-    """Save a matplotlib figure atomically (temp file + rename) in the format of ``path``'s suffix and close it."""
-    import matplotlib.pyplot as plt
-
-    from ..io import atomic_path
-
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png")
-    plt.close(fig)
-    return path
+    return f(*args, **kwargs)
