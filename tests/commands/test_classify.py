@@ -41,7 +41,7 @@ def test_classify_fit_density_online(tmp_path):
 def test_cub_configs_parse(name, capsys):
     from pathlib import Path
 
-    cfg = Path(__file__).parents[2] / "configs" / f"classifier_cub_{name}.yaml"
+    cfg = Path(__file__).parents[2] / "configs" / "classify" / f"cub_{name}.yaml"
     with pytest.raises(SystemExit) as exc:
         main(["classify", "fit", "--config", str(cfg), "--print_config"])
     assert exc.value.code in (0, None)
