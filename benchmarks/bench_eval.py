@@ -10,7 +10,9 @@
    random D=64 features and a 4-image memory keep the kNN cheap: what is measured is the prediction storage).
 
 Run: ``OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_eval.py`` (every library then runs single-threaded,
-the fair setting on a shared machine; add ``--tokens 200000`` for a shorter run).
+the fair setting on a shared machine; add ``--tokens 200000`` for a shorter run). ``--device cuda`` runs the two
+torch kNN searches of section 2 on the GPU (and times faiss-gpu too when this faiss has GPUs); sections 1 and 3 are
+host-side. ``--json PATH`` also writes the figures.
 """
 
 from __future__ import annotations
@@ -22,9 +24,13 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_check import write_figures  # noqa: E402
 
 
 def _mixture(n: int, d: int, centres: int, seed: int = 0) -> np.ndarray:
@@ -66,8 +72,14 @@ def _centroids(x: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
     return (sums / np.maximum(cnt, 1))[labels]
 
 
-def bench_knn(memory: int, queries: int, d: int = 384, k: int = 30) -> dict:
-    from dinokit.eval.hummingbird import knn_search
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def bench_knn(memory: int, queries: int, d: int = 384, k: int = 30, device: str = "cpu") -> dict:
+    """faiss-cpu vs the two torch searches (on ``device``); faiss-gpu too on a GPU with a GPU faiss."""
+    from dinokit.eval.hummingbird import knn_search, resolve_backend
 
     g = torch.Generator().manual_seed(0)
     mem = torch.nn.functional.normalize(torch.randn(memory, d, generator=g), dim=1)
@@ -75,19 +87,35 @@ def bench_knn(memory: int, queries: int, d: int = 384, k: int = 30) -> dict:
     t = time.perf_counter()
     _, i_f = knn_search(q, mem, k, "faiss-cpu")
     t_f = time.perf_counter() - t
+    qd, md = q.to(device), mem.to(device)
+    if device.startswith("cuda"):  # warm-up: CUDA context, kernels
+        torch.topk(qd[:64] @ md.T, k, dim=1)
+        knn_search(qd[:64], md, k, "torch")
+    _sync(device)
     t = time.perf_counter()
     out = []
     for s in range(0, queries, 4096):  # brute force: full score matrix per query block, then topk
-        out.append(torch.topk(q[s:s + 4096] @ mem.T, k, dim=1).indices)
-    i_t = torch.cat(out)
+        out.append(torch.topk(qd[s:s + 4096] @ md.T, k, dim=1).indices)
+    i_t = torch.cat(out).cpu()
     t_t = time.perf_counter() - t
     t = time.perf_counter()
-    _, i_c = knn_search(q, mem, k, "torch")
+    _, i_c = knn_search(qd, md, k, "torch")
+    i_c = i_c.cpu()
     t_c = time.perf_counter() - t
-    return {"memory": memory, "queries": queries, "faiss_qps": queries / t_f, "torch_bruteforce_qps": queries / t_t,
-            "dinokit_torch_chunked_qps": queries / t_c, "faiss_over_torch": t_t / t_f,
-            "same_neighbour_sets": float(((i_f.sort(1).values == i_t.sort(1).values).all(1)).float().mean()),
-            "same_as_dinokit_torch": float(((i_f.sort(1).values == i_c.sort(1).values).all(1)).float().mean())}
+    res = {"memory": memory, "queries": queries, "device": device, "faiss_qps": queries / t_f,
+           "torch_bruteforce_qps": queries / t_t, "dinokit_torch_chunked_qps": queries / t_c,
+           "faiss_over_torch": t_t / t_f,
+           "same_neighbour_sets": float(((i_f.sort(1).values == i_t.sort(1).values).all(1)).float().mean()),
+           "same_as_dinokit_torch": float(((i_f.sort(1).values == i_c.sort(1).values).all(1)).float().mean())}
+    if device.startswith("cuda") and resolve_backend("auto") == "faiss-gpu":
+        knn_search(q[:64], mem, k, "faiss-gpu")
+        t = time.perf_counter()
+        _, i_g = knn_search(q, mem, k, "faiss-gpu")
+        t_g = time.perf_counter() - t
+        res.update({"faiss_gpu_qps": queries / t_g, "faiss_gpu_over_dinokit_torch": t_c / t_g,
+                    "faiss_gpu_same_as_faiss_cpu": float(((i_f.sort(1).values == i_g.sort(1).values).all(1))
+                                                         .float().mean())})
+    return res
 
 
 MEM_CHILD = r'''
@@ -147,28 +175,40 @@ def main() -> None:
     ap.add_argument("--mem-images", type=int, default=200)
     ap.add_argument("--only-memory", action="store_true", help="run only the memory section")
     ap.add_argument("--size", type=int, default=448)
+    ap.add_argument("--device", default="cpu", help="device of the torch kNN searches (section 2)")
+    ap.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
     args = ap.parse_args()
     print(f"torch threads {torch.get_num_threads()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}")
     if args.only_memory:
-        print(json.dumps(bench_memory(args.mem_images, args.size, args.size // 14), indent=1))
+        m = bench_memory(args.mem_images, args.size, args.size // 14)
+        print(json.dumps(m, indent=1))
+        if args.json:
+            write_figures(args.json, "bench_eval", args, {"memory": m})
         return
     r = bench_overcluster(args.tokens, args.iters)
     print(f"[overcluster] {r['tokens']} tokens x 384 -> PCA-50, K={r['k']}, {r['iters']} iterations, 1 restart: "
           f"dinokit {r['dinokit_s']:.1f} s (PCA {r['dinokit_pca_s']:.1f} s) vs sklearn {r['sklearn_s']:.1f} s "
           f"(PCA {r['sklearn_pca_s']:.1f} s) -> {r['speedup']:.1f}x; inertia dinokit/sklearn "
           f"{r['inertia_ratio_dinokit_over_sklearn']:.3f}")
-    q = bench_knn(args.memory, args.queries)
+    q = bench_knn(args.memory, args.queries, device=args.device)
     print(f"[hummingbird kNN] memory {q['memory']} x 384, {q['queries']} queries, k=30: faiss {q['faiss_qps']:.0f} q/s"
           f", torch matmul+topk {q['torch_bruteforce_qps']:.0f} q/s, dinokit torch chunked "
           f"{q['dinokit_torch_chunked_qps']:.0f} q/s -> faiss/torch {q['faiss_over_torch']:.2f}x; queries with "
           f"identical neighbour sets faiss vs torch: {q['same_neighbour_sets']:.4f}")
+    if "faiss_gpu_qps" in q:
+        print(f"[hummingbird kNN] faiss-gpu {q['faiss_gpu_qps']:.0f} q/s -> faiss-gpu/dinokit torch "
+              f"{q['faiss_gpu_over_dinokit_torch']:.2f}x; same neighbour sets as faiss-cpu "
+              f"{q['faiss_gpu_same_as_faiss_cpu']:.4f}")
     m = bench_memory(args.mem_images, args.size, args.size // 14)
     print(f"[hummingbird memory] {m['images']} val images at {m['size']}px: peak RSS streaming "
           f"{m['stream_peak_rss_mb']:.0f} MB (+{m['stream_growth_mb']:.0f} during eval) vs storing predictions "
           f"{m['store_peak_rss_mb']:.0f} MB (+{m['store_growth_mb']:.0f}) -> "
           f"{m['store_growth_mb'] / max(m['stream_growth_mb'], 1):.1f}x growth; same mIoU: {m['same_miou']}")
-    print(json.dumps({"overcluster": r, "knn": q, "memory": m,
-                      "self_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}, indent=1))
+    figures = {"overcluster": r, "knn": q, "memory": m,
+               "self_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    print(json.dumps(figures, indent=1))
+    if args.json:
+        write_figures(args.json, "bench_eval", args, figures)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ are mmapped and returned on free, so RSS follows live tensors; without it glibc'
 2. One NeCo training step split into teacher/student backbone forwards (+ heads), ROIAlign, sorting (teacher and
    student), loss and backward, with the dinokit sort and with diffsort in the loss.
 
-Run: ``.venv/bin/python benchmarks/bench_neco.py`` (``--device cuda`` on a GPU machine).
+Run: ``.venv/bin/python benchmarks/bench_neco.py`` (``--device cuda`` on a GPU machine; ``--json PATH`` also writes
+the figures).
 """
 
 from __future__ import annotations
@@ -24,8 +25,12 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_check import write_figures  # noqa: E402
 
 
 def _sync(device: str) -> None:
@@ -38,7 +43,7 @@ def _sorter(method: str, n: int, s: float, device: str):
         from diffsort import DiffSortNet
 
         return DiffSortNet("bitonic", n, device=device, steepness=s)
-    from dinokit.methods.softsort import soft_sort
+    from dinokit.methods.neco.softsort import soft_sort
 
     if method == "dinokit-nockpt":  # no X checkpoints: only alpha and a - b saved per layer (the NeCo loss setting)
         return lambda x: soft_sort(x, s, "bitonic", segment=10 ** 9)
@@ -161,9 +166,17 @@ def bench_sort(args) -> dict:
 def bench_step(args, sort_method: str) -> dict[str, float]:
     """One training step split into parts (seconds), the loss written out with the library's pieces."""
     from dinokit.backbones import load_backbone
-    from dinokit.data.neco_views import NeCoDataset, NeCoViews, neco_collate
     from dinokit.data.synthetic import SyntheticScenes
-    from dinokit.methods.neco import NeCo, NeCoConfig, align, similarities, sorting_cross_entropy
+    from dinokit.methods.neco import (
+        NeCo,
+        NeCoConfig,
+        NeCoDataset,
+        NeCoViews,
+        align,
+        neco_collate,
+        similarities,
+        sorting_cross_entropy,
+    )
 
     torch.manual_seed(0)
     dev = args.device
@@ -250,6 +263,7 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=10, help="pairs in the loss-memory measurement (0: skip)")
     ap.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--loss-worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
     args = ap.parse_args()
     if args.memory_worker:
         memory_worker(args.memory_worker, args.rows, args.n, args.steepness)
@@ -259,6 +273,7 @@ def main() -> None:
         return
     print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}")
     res = bench_sort(args)
+    figures: dict = {"sort": res}
     print(f"\nsoft sort fwd+bwd, bitonic, n={args.n}, rows={args.rows}, s={args.steepness}, float32")
     print(f"{'method':<16}{'median s':>10}{'runs':>24}{'peak MB':>10}{'after fwd MB':>14}")
     for m in ("diffsort", "dinokit", "dinokit-nockpt"):
@@ -279,7 +294,10 @@ def main() -> None:
         ratio = lm["dinokit-nockpt"]["peak_mb"] / lm["diffsort"]["peak_mb"]
         print(f"loss memory ratio (dinokit / diffsort): {ratio:.3f}"
               f" (goal <= 0.2); time ratio {lm['diffsort']['time_s'] / lm['dinokit-nockpt']['time_s']:.2f}x")
+        figures["loss_memory"] = {**lm, "memory_ratio": ratio}
     if args.skip_step:
+        if args.json:
+            write_figures(args.json, "bench_neco", args, figures)
         return
     print(f"\none training step: {args.backbone} (random init), B={args.batch}, crops 2x{args.global_size} + "
           f"4x{args.local_size} px, r={args.roi} (n={args.roi ** 2}), head {args.head_hidden}->{args.head_dim}, "
@@ -289,9 +307,13 @@ def main() -> None:
     print(f"{'part':<18}" + "".join(f"{m + ' s':>12}{'share':>8}" for m in methods))
     for k in steps["dinokit"]:
         print(f"{k:<18}" + "".join(f"{steps[m][k]:>12.4f}{steps[m][k] / steps[m]['total']:>8.1%}" for m in methods))
+    figures["step"] = steps
     if args.step_compare:
         print(f"step speedup from the sort (diffsort / dinokit total): "
               f"{steps['diffsort']['total'] / steps['dinokit']['total']:.2f}x")
+        figures["step_speedup_from_sort"] = steps["diffsort"]["total"] / steps["dinokit"]["total"]
+    if args.json:
+        write_figures(args.json, "bench_neco", args, figures)
 
 
 if __name__ == "__main__":

@@ -6,28 +6,43 @@ folded operator in its low-rank (y = x - (xQ)(G Q^T), the default for 8T < D) an
 Part 2: the folded head on the patch tokens of a ViT-B/14-sized random timm model at 518 px vs the model's forward.
 
 Run: ``.venv/bin/python benchmarks/bench_rasa.py [--quick]`` (prints both figures and their ratio; about 2 min on
-2 busy CPU cores).
+2 busy CPU cores). ``--device cuda`` times both parts on a GPU (synchronised); ``--p1-*`` set part 1's sizes,
+``--arch``/``--size``/``--batch`` part 2's; ``--json PATH`` also writes the figures.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 from dinokit.methods.rasa import RASAHead
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_check import write_figures  # noqa: E402
+
+DEVICE = torch.device("cpu")
+
+
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
 
 def timeit(fn, repeats: int, warmup: int = 1) -> float:
-    """Median wall time of ``fn()`` in seconds."""
+    """Median wall time of ``fn()`` in seconds (CUDA work synchronised before each clock read)."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
+        _sync()
         t0 = time.perf_counter()
         fn()
+        _sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -43,10 +58,10 @@ def upstream_style(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def part1(B: int, N: int, D: int, T: int, repeats: int) -> None:
+def part1(B: int, N: int, D: int, T: int, repeats: int) -> dict:
     torch.manual_seed(0)
-    head = RASAHead(D, stage_weights=torch.randn(T, 2, D) / D**0.5)
-    x = torch.randn(B, N, D)
+    head = RASAHead(D, stage_weights=torch.randn(T, 2, D) / D**0.5).to(DEVICE)
+    x = torch.randn(B, N, D).to(DEVICE)
     low, dense = head.fold("lowrank"), head.fold("dense")
     with torch.no_grad():
         ref = head(x)
@@ -64,18 +79,24 @@ def part1(B: int, N: int, D: int, T: int, repeats: int) -> None:
     print(f"folded dense x L                {1e3 * t_dense:9.1f} ms   speed-up vs sequential {t_seq / t_dense:5.2f}x")
     print(f"max |folded - sequential|: low-rank {err['lowrank']:.2e}, dense {err['dense']:.2e}; "
           f"upstream-style {err['upstream-style']:.2e}")
+    return {"B": B, "tokens": N, "D": D, "T": T, "sequential_ms": 1e3 * t_seq, "upstream_style_ms": 1e3 * t_up,
+            "folded_lowrank_ms": 1e3 * t_low, "folded_dense_ms": 1e3 * t_dense,
+            "lowrank_speedup_vs_sequential": t_seq / t_low, "lowrank_speedup_vs_upstream_style": t_up / t_low,
+            "dense_speedup_vs_sequential": t_seq / t_dense, "max_err_lowrank": err["lowrank"],
+            "max_err_dense": err["dense"], "max_err_upstream_style": err["upstream-style"]}
 
 
-def part2(arch: str, size: int, batch: int, T: int, repeats: int) -> None:
+def part2(arch: str, size: int, batch: int, T: int, repeats: int) -> dict:
     import timm
 
     from dinokit.methods.rasa import RASATransform
 
     torch.manual_seed(0)
     model = timm.create_model(arch, pretrained=False, num_classes=0, img_size=size, dynamic_img_size=True).eval()
+    model = model.to(DEVICE)
     D = model.embed_dim
-    tr = RASATransform(RASAHead(D, stage_weights=torch.randn(T, 2, D) / D**0.5))
-    x = torch.randn(batch, 3, size, size)
+    tr = RASATransform(RASAHead(D, stage_weights=torch.randn(T, 2, D) / D**0.5)).to(DEVICE)
+    x = torch.randn(batch, 3, size, size).to(DEVICE)
     P = model.num_prefix_tokens
     with torch.no_grad():
         patch = model.forward_features(x)[:, P:]  # also the warm-up of the timing below
@@ -86,6 +107,8 @@ def part2(arch: str, size: int, batch: int, T: int, repeats: int) -> None:
     print(f"backbone forward_features       {1e3 * t_bb:9.1f} ms")
     print(f"RASA head on its patch tokens   {1e3 * t_head:9.3f} ms   "
           f"overhead {100 * t_head / t_bb:.3f}% of the forward")
+    return {"arch": arch, "size": size, "batch": batch, "patch_tokens": int(patch.shape[1]),
+            "backbone_forward_ms": 1e3 * t_bb, "head_ms": 1e3 * t_head, "head_overhead_pct": 100 * t_head / t_bb}
 
 
 def main() -> None:
@@ -95,10 +118,20 @@ def main() -> None:
     ap.add_argument("--arch", default="vit_base_patch14_dinov2")
     ap.add_argument("--size", type=int, default=518)
     ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--p1-batch", type=int, default=32, help="part 1: batch")
+    ap.add_argument("--p1-tokens", type=int, default=1369, help="part 1: tokens per image (37x37)")
+    ap.add_argument("--p1-dim", type=int, default=768, help="part 1: token width D")
+    ap.add_argument("--stages", type=int, default=9, help="RASA stages T (both parts)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
     args = ap.parse_args()
-    part1(32, 1369, 768, 9, args.repeats)
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    p1 = part1(args.p1_batch, args.p1_tokens, args.p1_dim, args.stages, args.repeats)
     arch = "vit_small_patch14_dinov2" if args.quick else args.arch
-    part2(arch, args.size, args.batch, 9, 2)
+    p2 = part2(arch, args.size, args.batch, args.stages, 2)
+    if args.json:
+        write_figures(args.json, "bench_rasa", args, {"part1": p1, "part2": p2})
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@ default). Reported per step
   grad) is printed as the floor.
 - time: median seconds per step, the two implementations interleaved step by step.
 
-Run: ``.venv/bin/python benchmarks/bench_repalign.py`` (``--device cuda --amp`` on a GPU).
+Run: ``.venv/bin/python benchmarks/bench_repalign.py`` (``--device cuda --amp`` on a GPU; ``--dim 384 --depth 12``
+is ViT-S/14, ``--dim 768 --depth 12`` ViT-B/14; ``--size`` sets the input side; ``--json PATH`` also writes the
+figures).
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +31,9 @@ from torch import nn
 
 from dinokit.backbones import load_backbone
 from dinokit.methods.repalign import RepAlignLoss
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_check import write_figures  # noqa: E402
 
 
 class NaiveRepAlign:
@@ -101,10 +108,10 @@ class SavedBytes:
         return sum(self.storages.values()) / 2**20
 
 
-def make_teacher(depth: int, dim: int, device: str) -> nn.Module:
-    """A random ViT/14 of the DINOv2 architecture (64-dim heads), 224^2 input."""
+def make_teacher(depth: int, dim: int, device: str, size: int = 224) -> nn.Module:
+    """A random ViT/14 of the DINOv2 architecture (64-dim heads), size^2 input."""
     bb = load_backbone("dinov2_vits14", "random", device=device,
-                       model_kwargs=dict(depth=depth, embed_dim=dim, num_heads=max(1, dim // 64), img_size=224))
+                       model_kwargs=dict(depth=depth, embed_dim=dim, num_heads=max(1, dim // 64), img_size=size))
     return bb.model.eval()
 
 
@@ -118,13 +125,15 @@ def main() -> None:
     p.add_argument("--amp", action="store_true", help="bf16 autocast (GPU)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=224, help="input side (a multiple of 14)")
+    p.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     dev = torch.device(args.device)
-    teacher = make_teacher(args.depth, args.dim, args.device)
-    x = torch.randn(args.batch, 3, 224, 224, device=dev, requires_grad=True)
-    y = torch.randn(args.batch, 3, 224, 224, device=dev)
+    teacher = make_teacher(args.depth, args.dim, args.device, args.size)
+    x = torch.randn(args.batch, 3, args.size, args.size, device=dev, requires_grad=True)
+    y = torch.randn(args.batch, 3, args.size, args.size, device=dev)
     naive, ours = NaiveRepAlign(teacher), RepAlignLoss(teacher)
     ours_bf16 = RepAlignLoss(teacher, target_dtype=torch.bfloat16)
     amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.amp)
@@ -192,6 +201,8 @@ def main() -> None:
               "time_dinokit_s": round(mo, 3), "time_ratio": round(mo / mn, 3)}
     naive.close()
     print(json.dumps(result))
+    if args.json:
+        write_figures(args.json, "bench_repalign", args, {**result, "size": args.size})
 
 
 if __name__ == "__main__":

@@ -19,8 +19,8 @@ import torch
 
 from dinokit.backbones import load_backbone
 from dinokit.data.synthetic import SyntheticScenes
+from dinokit.demo.repalign import format_table, run_restoration, scene_tensors
 from dinokit.io import atomic_write_text, run_metadata
-from dinokit.methods.repalign_example import format_table, run_restoration, scene_tensors
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""Attention maps and facets (spec §6, §7) on DINO-v1-like, DINOv2-reg-like and DINOv3-like (RoPE) tiny models."""
+"""Attention maps and facets (docs/backbones.md) on DINO-v1-like, DINOv2-reg-like and DINOv3-like (RoPE) tiny models."""
 
 import math
 

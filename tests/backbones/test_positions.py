@@ -1,4 +1,4 @@
-"""Input sizes and position handling (spec §4)."""
+"""Input sizes and position handling (docs/backbones.md)."""
 
 import copy
 

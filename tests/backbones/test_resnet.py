@@ -1,4 +1,4 @@
-"""ResNet-50 behind the dense contract (spec §9)."""
+"""ResNet-50 behind the dense contract (docs/backbones.md)."""
 
 import pytest
 import torch

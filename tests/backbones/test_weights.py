@@ -1,4 +1,4 @@
-"""Weights (spec §8): official layouts built from tiny random timm models by the inverse mapping, wrapped and
+"""Weights (docs/backbones.md): official layouts built from tiny random timm models by the inverse mapping, wrapped and
 prefixed variants, round trips, offline errors, mismatch suggestions and safe reading."""
 
 import argparse

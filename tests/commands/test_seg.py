@@ -6,7 +6,7 @@ import torch
 pytest.importorskip("lightning.pytorch")
 
 from dinokit.commands.seg import fit  # noqa: E402
-from dinokit.methods.seg_heads import SegmentationModule  # noqa: E402
+from dinokit.methods.seg_heads.lightning import SegmentationModule  # noqa: E402
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")

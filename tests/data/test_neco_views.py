@@ -10,7 +10,8 @@ import pytest
 import torch
 from torchvision import transforms as T
 
-from dinokit.data.neco_views import (
+from dinokit.data.synthetic import SyntheticScenes
+from dinokit.methods.neco.views import (
     NeCoDataset,
     NeCoViews,
     box_area,
@@ -18,7 +19,6 @@ from dinokit.data.neco_views import (
     crop_intersection_boxes,
     neco_collate,
 )
-from dinokit.data.synthetic import SyntheticScenes
 
 
 def test_worked_example() -> None:
@@ -89,10 +89,10 @@ def test_same_seed_same_boxes_and_pixels() -> None:
 
 
 def test_small_image_is_upsampled_with_a_log(caplog: pytest.LogCaptureFixture) -> None:
-    import dinokit.data.neco_views as nv
+    import dinokit.methods.neco.views as nv
 
     nv._WARNED_SMALL = False
-    with caplog.at_level(logging.WARNING, logger="dinokit.data.neco_views"):
+    with caplog.at_level(logging.WARNING, logger="dinokit.methods.neco.views"):
         out = NeCoViews(sizes=(64, 32))(np.full((12, 20, 3), 50, np.uint8))
     assert "smaller than the 32-px local crops" in caplog.text
     assert [tuple(c.shape) for c in out["crops"]] == [(3, 64, 64)] * 2 + [(3, 32, 32)] * 4

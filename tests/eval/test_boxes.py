@@ -1,4 +1,4 @@
-"""Box metrics and CorLoc against hand-computed cases (spec §8, §11 item 11)."""
+"""Box metrics and CorLoc against hand-computed cases (docs/eval/boxes.md item 11)."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""2-process CPU DDP (gloo, torch.multiprocessing.spawn) evaluation equals 1 process (spec §0, §11 item 5)."""
+"""2-process CPU DDP (gloo, torch.multiprocessing.spawn) evaluation equals 1 process (docs/eval/index.md item 5)."""
 
 import json
 import os

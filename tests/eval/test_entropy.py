@@ -1,4 +1,4 @@
-"""Spatial entropy se1 closed forms (spec §7, §11 item 10)."""
+"""Spatial entropy se1 closed forms (docs/eval/entropy.md item 10)."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""Hummingbird retrieval: oracle, noise, monotonicity, memory arithmetic, backends (spec §5, §11 item 8)."""
+"""Hummingbird retrieval: oracle, noise, monotonicity, memory arithmetic, backends (docs/eval/hummingbird.md item 8)."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""Linear segmentation probe: linearity identity, ignore handling, separable / oracle features (spec §4, §11.7)."""
+"""Linear segmentation probe: linearity identity, ignore handling, separable / oracle features (docs/eval/linear.md)."""
 
 import pytest
 import torch
@@ -66,7 +66,7 @@ def test_bad_inputs():
 def test_lightning_module_one_epoch():
     import lightning as L
 
-    from dinokit.eval.linear_seg import LinearSegModule
+    from dinokit.eval.lightning import LinearSegModule
 
     cells, masks = stripes(8, seed=4)
     feats = noisy_oracle(cells, 4, 0.05)

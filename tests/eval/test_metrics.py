@@ -1,4 +1,4 @@
-"""Known answers of the streaming confusion matrix and the three matchings (spec §1, §11 items 1-5)."""
+"""Known answers of the streaming confusion matrix and the three matchings (docs/eval/index.md items 1-5)."""
 
 import numpy as np
 import pytest

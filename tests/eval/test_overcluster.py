@@ -1,4 +1,4 @@
-"""Overclustering known answers (spec §11 item 6) and must-show cases of issue 3."""
+"""Overclustering known answers (docs/eval/overcluster.md item 6) and must-show cases of issue 3."""
 
 import numpy as np
 import pytest

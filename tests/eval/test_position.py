@@ -1,4 +1,4 @@
-"""Position probe: targets, chance level, linear-in-position and position-free features (spec §6/§11.9)."""
+"""Position probe: targets, chance level, linear-in-position and position-free features (docs/eval/position.md)."""
 
 import pytest
 import torch

@@ -4,7 +4,8 @@ import torch
 
 pl = pytest.importorskip("lightning.pytorch")
 
-from dinokit.methods.barlow_twins import BarlowTwinsModule, TwoViews, barlow_twins_views  # noqa: E402
+from dinokit.methods.barlow_twins import TwoViews, barlow_twins_views  # noqa: E402
+from dinokit.methods.barlow_twins.lightning import BarlowTwinsModule  # noqa: E402
 from dinokit.viz import callbacks as cbs  # noqa: E402
 
 

@@ -12,6 +12,7 @@ from torch import nn
 from dinokit.data import crops as C
 from dinokit.data.synthetic import SyntheticScenes
 from dinokit.methods import classifier as K
+from dinokit.methods.classifier import lightning as KL
 
 TINY = dict(channels=(8, 16, 32, 64), stem_width=8)
 
@@ -41,7 +42,7 @@ def test_step_schedule_endpoints_and_cosine():
     assert K.cosine_lr(5, 100, warmup_steps=5) == pytest.approx(2e-4)
     assert K.cosine_lr(100, 100) == pytest.approx(1e-5)
     # the Lightning module's optimiser carries the same step schedule
-    mod = K.ClassifierModule(tiny_model(), K.RecipeConfig(epochs=200))
+    mod = KL.ClassifierModule(tiny_model(), K.RecipeConfig(epochs=200))
     opt = mod.configure_optimizers()
     sched = opt["lr_scheduler"]["scheduler"]
     for _ in range(199):
@@ -69,8 +70,8 @@ def test_ema_matches_the_closed_form_and_averages_bn_buffers():
 
 
 def test_bn_check_callback_raises_on_frozen_bn_unless_reproducing():
-    mod = K.ClassifierModule(tiny_model())
-    cb = K.BatchNormTrainCheck()
+    mod = KL.ClassifierModule(tiny_model())
+    cb = KL.BatchNormTrainCheck()
     mod.model.train()
     cb.on_train_batch_start(None, mod, None, 0)
     K.set_bn_eval(mod.model)
@@ -123,7 +124,7 @@ def test_density_online_batch_goes_through_the_module(scenes):
     assert canvas.shape == (3, 64, 64) and canvas.dtype == torch.uint8 and valid.tolist() == [64, 64]
     bb = load_backbone("tiny_dino", weights="random")
     dens = C.OnlineDensityCrops(bb, 32, C.DensityConfig(att_size=64, canvas=64))
-    mod = K.ClassifierModule(tiny_model(), density=dens)
+    mod = KL.ClassifierModule(tiny_model(), density=dens)
     batch = torch.utils.data.default_collate([ds[i] for i in range(4)])
 
     class _T:
@@ -138,8 +139,8 @@ def test_density_online_batch_goes_through_the_module(scenes):
 def test_tiny_fit_logs_raw_and_ema_accuracy(scenes, tmp_path):
     val = K.SceneSource(SyntheticScenes(8, (64, 64), seed=1, fine_grained=True))
     cfg = K.RecipeConfig(lr=0.01, epochs=2, ema_every=2)
-    m, mod = K.fit_classifier(K.CropDataset(scenes, True, "localized", 32), K.CropDataset(val, False, "rrc", 32),
-                              tiny_model(), cfg, batch_size=4, out=tmp_path)
+    m, mod = KL.fit_classifier(K.CropDataset(scenes, True, "localized", 32), K.CropDataset(val, False, "rrc", 32),
+                               tiny_model(), cfg, batch_size=4, out=tmp_path)
     assert set(m) >= {"val/acc", "val/acc_ema", "running_acc", "ema_updates"}
     assert m["ema_updates"] == 2 * math.ceil(3 / 2)
     assert 0 <= m["val/acc"] <= 1 and len(mod.acc_history) == 2

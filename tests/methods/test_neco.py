@@ -12,23 +12,25 @@ import torch.multiprocessing as mp
 from diffsort import DiffSortNet
 
 from dinokit.backbones import load_backbone
-from dinokit.data.neco_views import NeCoDataset, NeCoViews, neco_collate
 from dinokit.data.synthetic import SyntheticScenes
 from dinokit.methods.neco import (
     FeatureQueue,
     NeCo,
     NeCoConfig,
+    NeCoDataset,
+    NeCoViews,
     ProjectionHead,
     align,
     cosine_schedule,
     draw_indices,
     ema_update_,
+    neco_collate,
     pair_loss,
     param_groups,
     similarities,
     sorting_cross_entropy,
 )
-from dinokit.methods.softsort import soft_sort
+from dinokit.methods.neco.softsort import soft_sort
 
 TINY = NeCoConfig(head_hidden=32, head_dim=16, roi_size=2, queue_length=64)
 
@@ -298,7 +300,7 @@ def test_nan_step_is_skipped_and_the_run_continues(tmp_path: Path) -> None:
     import lightning as L
     from torch.utils.data import DataLoader
 
-    from dinokit.commands.neco import NeCoModule
+    from dinokit.methods.neco.lightning import NeCoModule
 
     torch.manual_seed(0)
     neco = _tiny_neco()
@@ -320,7 +322,8 @@ def test_nan_step_is_skipped_and_the_run_continues(tmp_path: Path) -> None:
 
 
 def test_fit_and_export_round_trip(tmp_path: Path) -> None:
-    from dinokit.commands.neco import export, fit, load_checkpoint_backbone
+    from dinokit.commands.neco import export, fit
+    from dinokit.methods.checkpoints import load_checkpoint_backbone
 
     assert fit(out=tmp_path / "run", **FIT_ARGS) == 0
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
@@ -341,7 +344,7 @@ def test_fit_and_export_round_trip(tmp_path: Path) -> None:
         export(tmp_path / "missing.ckpt")
 
 
-PUBLISHED = {  # config: (backbone, batch, epochs, lr_backbone, references, global size) of spec §11
+PUBLISHED = {  # config: (backbone, batch, epochs, lr_backbone, references, global size) of docs/methods/neco.md
     "dinov2_vits14": ("dinov2_vits14", 64, 25, 1e-5, "queue", 518),
     "dinov2r_vits14": ("dinov2_vits14_reg", 64, 25, 1e-5, "queue", 518),
     "dinov2r_xr_vits14": ("dinov2_vits14", 64, 25, 1e-5, "queue", 518),
@@ -378,7 +381,7 @@ def test_accumulation_gives_one_ema_update_per_optimiser_step() -> None:
     import lightning as L
     from torch.utils.data import DataLoader
 
-    from dinokit.commands.neco import NeCoModule
+    from dinokit.methods.neco.lightning import NeCoModule
 
     neco = _tiny_neco()
     calls: list[tuple[int, int]] = []

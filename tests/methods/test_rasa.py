@@ -18,11 +18,11 @@ from dinokit.methods.rasa import (
     chance_mse,
     head_from_state_dict,
     load_rasa_head,
-    position_targets,
     probe_mse,
     rasa_basis,
     remove,
 )
+from dinokit.methods.rasa import flat_position_targets as position_targets
 
 D = 64
 

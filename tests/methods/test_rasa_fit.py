@@ -12,7 +12,7 @@ D = 32
 
 
 def _planted(n, seed, signal=True):
-    """Spec §13.9: x = r a + c b + e + content + noise with a, b, e orthonormal; content off span{a, b}."""
+    """docs/methods/rasa.md: x = r a + c b + e + content + noise with a, b, e orthonormal; content off span{a, b}."""
     g = torch.Generator().manual_seed(seed)
     basis, _ = torch.linalg.qr(torch.randn(D, D, generator=torch.Generator().manual_seed(123)))
     a, b, e = basis[:, 0], basis[:, 1], basis[:, 2]

@@ -8,16 +8,17 @@ from torch.utils.data import DataLoader
 
 from dinokit.backbones import load_backbone
 from dinokit.data.synthetic import SyntheticScenes
-from dinokit.methods.rasa import RASAHead, chance_mse, load_rasa_head
-from dinokit.methods.rasa_train import (
+from dinokit.methods.rasa import (
     ImagesOnly,
-    RASAStageModule,
+    RASAHead,
+    chance_mse,
     collate_images,
     entropy_stage_metrics,
-    fit_rasa_backbone,
+    load_rasa_head,
     rasa_train_transform,
     rasa_val_transform,
 )
+from dinokit.methods.rasa.lightning import RASAStageModule, fit_rasa_backbone
 
 
 @pytest.fixture(scope="module")

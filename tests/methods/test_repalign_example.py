@@ -6,8 +6,7 @@ from torch import nn
 from dinokit.backbones import load_backbone
 from dinokit.data.synthetic import SyntheticScenes
 from dinokit.demo.context import DemoContext
-from dinokit.methods.repalign import RepAlignLoss, TeacherInput, repalign_terms
-from dinokit.methods.repalign_example import (
+from dinokit.demo.repalign import (
     TinyDenoiser,
     add_noise,
     psnr,
@@ -15,6 +14,7 @@ from dinokit.methods.repalign_example import (
     scene_tensors,
     teacher_cosine,
 )
+from dinokit.methods.repalign import RepAlignLoss, TeacherInput, repalign_terms
 
 
 def test_metrics_known_answers():

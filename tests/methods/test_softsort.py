@@ -8,7 +8,7 @@ from diffsort import DiffSortNet
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dinokit.methods.softsort import SoftSort, network, soft_sort
+from dinokit.methods.neco.softsort import SoftSort, network, soft_sort
 
 
 def _diffsort(net: str, n: int, s: float, dtype: torch.dtype) -> DiffSortNet:

@@ -1,4 +1,4 @@
-"""Backbones: timm models behind the dense contract. See ``shared/spec/backbones.md``."""
+"""Backbones: timm models behind the dense contract. See docs/backbones.md."""
 
 from .backbone import AttentionUnavailableError, Backbone, load_backbone, resolve_name
 from .features import AttentionMaps, DenseFeatures, Facets

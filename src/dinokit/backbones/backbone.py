@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import math
+from collections.abc import Callable
 
 import timm
 import torch
@@ -13,6 +15,28 @@ from .features import AttentionMaps, DenseFeatures, Facets
 from .registry import REGISTRY, UNSUPPORTED, ModelSpec, family_of_arch, supported_names
 
 SIZE_POLICIES = ("error", "crop", "pad", "resize")
+
+# name -> attach(backbone, path): the feature transforms ``load_backbone`` can install (``rasa=PATH`` uses "rasa").
+# The methods layer fills it (``dinokit.methods.rasa`` registers "rasa" on import); backbones never import methods.
+FEATURE_TRANSFORMS: dict[str, Callable[..., object]] = {}
+FEATURE_TRANSFORM_MODULES = {"rasa": "dinokit.methods.rasa"}  # imported on demand when nothing is registered yet
+
+
+def register_feature_transform(name: str, attach: Callable[..., object]) -> None:
+    """Register ``attach(backbone, path)`` as the feature transform ``name`` of :func:`load_backbone`."""
+    FEATURE_TRANSFORMS[name] = attach
+
+
+def attach_feature_transform(name: str, backbone: Backbone, path) -> None:
+    """Install the registered feature transform ``name`` (e.g. ``"rasa"``) from the file ``path`` on ``backbone``."""
+    if name not in FEATURE_TRANSFORMS and name in FEATURE_TRANSFORM_MODULES:
+        # by name, not a static import: the backbone layer must not depend on the methods layer above it;
+        # importing the module registers its transform here
+        importlib.import_module(FEATURE_TRANSFORM_MODULES[name])
+    if name not in FEATURE_TRANSFORMS:
+        raise ValueError(f"no feature transform {name!r} is registered (known: {sorted(FEATURE_TRANSFORMS)}); "
+                         "import the module that registers it with register_feature_transform first")
+    FEATURE_TRANSFORMS[name](backbone, path)
 
 
 class AttentionUnavailableError(RuntimeError):
@@ -382,7 +406,7 @@ def load_backbone(name: str | None = None, weights: str = "pretrained", *, tag: 
     ``which``/``key`` pick the weights inside training checkpoints; ``drop_registers`` loads register weights into
     a model without registers. ``num_classes`` > 0 keeps/creates a classifier head (ResNet ``fc``);
     ``freeze_bn`` keeps BatchNorm in eval mode while training. ``rasa``: optional path of a RASA head applied to
-    every ``DenseFeatures`` this backbone yields. See ``shared/spec/backbones.md`` §8 for resolution and errors.
+    every ``DenseFeatures`` this backbone yields. See docs/backbones.md for resolution and errors.
     """
     import json
 
@@ -429,7 +453,5 @@ def load_backbone(name: str | None = None, weights: str = "pretrained", *, tag: 
 
     install_pos_interp(bb)
     if rasa is not None:
-        from ..methods.rasa import attach_rasa
-
-        attach_rasa(bb, rasa)
+        attach_feature_transform("rasa", bb, rasa)
     return bb.to(device=device, dtype=dtype) if (device or dtype) else bb

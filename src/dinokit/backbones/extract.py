@@ -95,7 +95,8 @@ def extract_features(backbone, data: Dataset, out: Path, *, batch_size: int = 32
     """Extract ``DenseFeatures`` of every item into shards under ``out``; returns a summary dict.
 
     Shard k holds positions [k*shard_size, (k+1)*shard_size); rank r of W writes the shards k = r mod W, so the
-    result does not depend on W. Finished shards are skipped (resume); each shard is written atomically.
+    result does not depend on W. Finished shards are skipped (resume); each shard is written atomically. With a
+    ``meta["fingerprint"]`` (the options that change the bytes), only shards of the same fingerprint count as finished.
     """
     from rich.progress import Progress
 
@@ -106,7 +107,8 @@ def extract_features(backbone, data: Dataset, out: Path, *, batch_size: int = 32
     device = next(backbone.parameters()).device
     n_shards = (len(data) + shard_size - 1) // shard_size
     mine = [k for k in range(n_shards) if k % world_size == rank]
-    todo = [k for k in mine if not shard_is_complete(out / shard_name(k))]
+    fingerprint = (meta or {}).get("fingerprint")  # a shard of other options is redone, never kept
+    todo = [k for k in mine if not shard_is_complete(out / shard_name(k), fingerprint)]
     meta = {**(meta or {}), "backbone": backbone_record(backbone)}
     bad: list[tuple[str, str]] = []
     done_images = 0
@@ -143,3 +145,94 @@ def extract_features(backbone, data: Dataset, out: Path, *, batch_size: int = 32
             "images": done_images, "bad": bad, "n_shards": n_shards}
 
 
+
+
+@torch.no_grad()
+def iter_patch_features(backbone, loader, device: str | torch.device | None = None):
+    """Yield ``(patch, batch)`` per batch of ``loader`` (items with a uint8 ``image`` (B, 3, H, W)): ``patch`` the
+    (B, h, w, D) fp32 CPU patch tokens, ``batch`` the collated batch. One batch of features is alive at a time."""
+    device = torch.device(device) if device is not None else next(backbone.parameters()).device
+    for batch in loader:
+        x = batch["image"].to(device, non_blocking=True)
+        yield backbone.forward_features(normalise(backbone, x)).patch.float().cpu(), batch
+
+
+def features_to_memmap(batches, folder: Path, n: int, name: str = "split", masks: bool = True):
+    """Write the ``(patch, batch)`` pairs of :func:`iter_patch_features` into disk-backed arrays under ``folder``.
+
+    Row ``j`` of the arrays is the ``j``-th position of ``batch["index"]`` in ``positions`` (the sorted indices
+    seen), so rows follow dataset order whatever the batching. Returns ``(feats, masks, positions)``: ``feats`` an
+    (n, h, w, D) fp32 ``np.memmap``, ``masks`` an (n, H, W) memmap of the masks' dtype (None without masks or when
+    mask shapes vary; then ``masks`` is a list), ``positions`` the sorted dataset indices. Only one batch is in RAM.
+    """
+    import numpy as np
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    feats = mm = None
+    ragged: list | None = None
+    rows: list[int] = []
+    j = 0
+    for f, batch in batches:
+        if feats is None:
+            feats = np.lib.format.open_memmap(folder / f"{name}_feats.npy", "w+", np.float32, (n, *f.shape[1:]))
+        b = f.shape[0]
+        feats[j:j + b] = f.numpy()
+        if masks:
+            m = batch["mask"]
+            if isinstance(m, torch.Tensor) and ragged is None:
+                if mm is None:
+                    mm = np.lib.format.open_memmap(folder / f"{name}_masks.npy", "w+", m.numpy().dtype,
+                                                   (n, *m.shape[1:]))
+                mm[j:j + b] = m.numpy()
+            else:
+                if ragged is None:
+                    ragged = [torch.from_numpy(np.asarray(mm[i])) for i in range(j)] if mm is not None else []
+                ragged += list(m)
+        rows += batch["index"].tolist()
+        j += b
+    if feats is None:
+        raise ValueError(f"{name}: no images to featurise (empty split or shard)")
+    if j != n:
+        raise ValueError(f"{name}: expected {n} images, the loader gave {j}")
+    order = np.argsort(np.asarray(rows), kind="stable")
+    if not np.array_equal(order, np.arange(n)):  # loaders are ordered; keep dataset order in any case
+        feats[:] = feats[order]
+        if mm is not None:
+            mm[:] = mm[order]
+        if ragged is not None:
+            ragged = [ragged[i] for i in order]
+    return feats, (ragged if ragged is not None else mm), sorted(rows)
+
+
+def all_gather_rows(local: list, local_rows: list[int], folder: Path, name: str, n: int, chunk: int = 64):
+    """Under DDP: every rank ends with the full (n, ...) arrays of which it holds ``local_rows`` (dataset
+    positions) in ``local`` (a list of arrays with those rows, same order). Rank r's rows are broadcast to all in
+    chunks of ``chunk`` rows and written into disk-backed (``np.memmap``) arrays under ``folder``. Without a process
+    group returns ``local`` unchanged. Lists (ragged masks) are gathered as lists."""
+    import numpy as np
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return local
+    rank, world = dist.get_rank(), dist.get_world_size()
+    counts: list = [None] * world
+    dist.all_gather_object(counts, (len(local_rows), [(a.dtype.str, a.shape[1:]) if not isinstance(a, list)
+                                                      else None for a in local]))
+    spec = next(c[1] for c in counts if c[0])
+    folder = Path(folder)
+    outs = [np.lib.format.open_memmap(folder / f"{name}_all{k}.npy", "w+", np.dtype(sp[0]), (n, *sp[1]))
+            if sp is not None else [None] * n for k, sp in enumerate(spec)]
+    for r in range(world):
+        cnt = counts[r][0]
+        for s in range(0, cnt, chunk):
+            obj = [None]
+            if r == rank:
+                obj = [(local_rows[s:s + chunk], [np.asarray(a[s:s + chunk]) if not isinstance(a, list)
+                                                  else a[s:s + chunk] for a in local])]
+            dist.broadcast_object_list(obj, src=r)
+            rows, parts = obj[0]
+            for o, p in zip(outs, parts, strict=True):
+                for q, row in enumerate(rows):
+                    o[row] = p[q]
+    return outs

@@ -1,4 +1,4 @@
-"""Absolute position-embedding interpolation policies (spec §4).
+"""Absolute position-embedding interpolation policies (docs/backbones.md).
 
 ``offset`` (official DINO v1 / DINOv2 hub code): bicubic with scale factor ((h + 0.1)/M, (w + 0.1)/M), no antialias.
 ``antialias`` (official DINOv2 with registers; timm's ``dynamic_img_size`` default): bicubic to (h, w), antialias.

@@ -50,10 +50,16 @@ REGISTRY: dict[str, ModelSpec] = {
                                  dict(embed_dim=32, depth=2, num_heads=2, img_size=56), True),
     "tiny_dinov3": ModelSpec("vit_small_patch16_dinov3_qkvb", None, "dinov3", 64,
                              dict(embed_dim=64, depth=2, num_heads=4, img_size=64), True),
-    # the demo's small ViT: patch 8 on 64-px synthetic scenes (an 8x8 grid), learned absolute positions
-    "demo_vit": ModelSpec("vit_small_patch8_224", None, "dino", 64,
-                          dict(embed_dim=96, depth=4, num_heads=3, img_size=64), True),
+    # the demo's small ViT: patch 8 on 64-px synthetic scenes (an 8x8 grid), learned absolute positions; its
+    # "synthetic" weights are pretrained by dinokit itself and shipped in the package (see ASSETS)
+    "demo_vit": ModelSpec("vit_small_patch8_224", "synthetic", "dino", 64,
+                          dict(embed_dim=96, depth=4, num_heads=3, img_size=64)),
 }
+
+# (short name, tag) -> weights file shipped in dinokit/backbones/assets/ (with its provenance JSON beside it);
+# resolved offline, before any cache or download. Regenerate them with
+# `dinokit pretrain --config configs/demo/pretrain.yaml`.
+ASSETS: dict[tuple[str, str], str] = {("demo_vit", "synthetic"): "demo_vit.safetensors"}
 
 UNSUPPORTED: dict[str, str] = {
     "dinov3_vitl16plus": "the official ViT-L+/16 DINOv3 has no timm architecture",

@@ -4,7 +4,10 @@ A feature directory holds ``shard-KKKKK.safetensors`` files and, once complete, 
 covers dataset positions [k*S, (k+1)*S) (S = images per shard) minus bad files, whatever the number of
 processes, so 1 and N processes write identical shards. Tensors: ``patch`` (n, h, w, D), ``cls`` (n, D) (absent
 for ResNet), ``registers`` (n, R, D), ``grid`` (2,), ``index`` (n,) dataset positions. String metadata:
-``image_ids`` (JSON list), ``config``, ``versions``, ``weights``, ``backbone`` (JSON), ``dinokit_format``.
+``image_ids`` (JSON list), ``config``, ``versions``, ``weights``, ``backbone``, ``fingerprint`` (JSON),
+``dinokit_format``. The fingerprint holds every option that changes a shard's bytes; a resumed run keeps a shard only
+when its fingerprint matches. Files are byte-reproducible: the header is written with sorted keys and holds no time
+or host name (the creation time goes into ``manifest.json`` only).
 """
 
 from __future__ import annotations
@@ -24,27 +27,53 @@ def shard_name(k: int) -> str:
 
 def write_shard(path: Path, tensors: dict[str, torch.Tensor], image_ids: list[str], meta: dict) -> None:
     """Write one shard atomically (temp file + rename): a killed run never leaves a partial shard."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    from ..io import atomic_path
+    from ..io import atomic_write_bytes
 
     md = {"dinokit_format": SHARD_FORMAT, "image_ids": json.dumps(image_ids)}
-    md.update({k: json.dumps(v, default=str) for k, v in meta.items()})
-    with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=md)
+    md.update({k: json.dumps(v, default=str, sort_keys=True) for k, v in meta.items()})
+    blob = save({k: v.contiguous() for k, v in tensors.items()}, metadata=md)
+    atomic_write_bytes(path, canonical_safetensors(blob))
 
 
-def shard_is_complete(path: Path) -> bool:
-    """True when ``path`` is a readable shard of this format (resume skips it)."""
+def canonical_safetensors(blob: bytes) -> bytes:
+    """The same safetensors file with its JSON header re-serialised with sorted keys (safetensors writes the
+    header from a hash map, whose order changes between processes). Tensor data and offsets are unchanged."""
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + n])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + blob[8 + n:]
+
+
+def shard_fingerprint(path: Path) -> dict | None:
+    """The ``fingerprint`` stored in a shard (None for an unreadable file, another format, or no fingerprint)."""
     if not path.is_file():
-        return False
+        return None
     try:
         from safetensors import safe_open
 
         with safe_open(str(path), "pt") as f:
-            return (f.metadata() or {}).get("dinokit_format") == SHARD_FORMAT
-    except Exception:  # noqa: BLE001 - any unreadable file is redone
+            md = f.metadata() or {}
+    except Exception:  # noqa: BLE001 - any unreadable file counts as no shard
+        return None
+    if md.get("dinokit_format") != SHARD_FORMAT:
+        return None
+    return json.loads(md.get("fingerprint", "{}"))
+
+
+def shard_is_complete(path: Path, fingerprint: dict | None = None) -> bool:
+    """True when ``path`` is a readable shard of this format and, when ``fingerprint`` is given, made with exactly
+    that fingerprint (resume skips it; a shard of other options is never kept)."""
+    fp = shard_fingerprint(path)
+    if fp is None:
         return False
+    return fingerprint is None or _canon(fp) == _canon(fingerprint)
+
+
+def _canon(d: dict) -> str:
+    return json.dumps(d, sort_keys=True, default=str)
 
 
 @dataclass
@@ -112,3 +141,73 @@ def load_feature_dir(path: str | Path, expect_backbone: str | None = None,
     return FeatureSet(patch=cat["patch"][order], cls=cat["cls"][order] if "cls" in cat else None,
                       registers=cat["registers"][order], grid=grid, index=cat["index"][order], image_ids=ids,
                       meta=meta0 or {})
+
+
+class LazyFeatureDir:
+    """A ``dinokit features`` directory opened without reading any tensor: only the shards' metadata.
+
+    ``patch_of(ids)`` reads the (len(ids), h, w, D) fp32 patch tokens of those image ids, row by row from the
+    shard files (safetensors slices), so memory holds one batch however large the directory is. Checks as
+    :func:`load_feature_dir` (one backbone and grid across shards, ``expect_backbone`` / ``expect_grid``).
+    """
+
+    def __init__(self, path: str | Path, expect_backbone: str | None = None,
+                 expect_grid: tuple[int, int] | None = None):
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        files = sorted(self.path.glob("shard-*.safetensors"))
+        if not files:
+            raise ValueError(f"{self.path} holds no feature shards (shard-*.safetensors); run `dinokit features` "
+                             "first")
+        self.files = files
+        self.where: dict[str, tuple[int, int]] = {}
+        self.meta: dict = {}
+        self.grid: tuple[int, int] | None = None
+        for fi, f in enumerate(files):
+            with safe_open(str(f), "pt") as h:
+                md = h.metadata() or {}
+                if md.get("dinokit_format") != SHARD_FORMAT:
+                    raise ValueError(f"{f} is not a dinokit feature shard (format {md.get('dinokit_format')!r})")
+                grid = tuple(int(g) for g in h.get_tensor("grid").tolist())
+            meta = {k: json.loads(v) for k, v in md.items() if k not in ("dinokit_format", "image_ids")}
+            if fi == 0:
+                self.meta, self.grid = meta, grid
+            elif meta.get("backbone", {}).get("name") != self.meta.get("backbone", {}).get("name") or \
+                    grid != self.grid:
+                raise ValueError(f"{f} comes from another backbone or grid than {files[0]}")
+            for r, i in enumerate(json.loads(md["image_ids"])):
+                self.where[str(i)] = (fi, r)
+        name = self.meta.get("backbone", {}).get("name")
+        if expect_backbone is not None and name != expect_backbone:
+            raise ValueError(f"features in {self.path} were made by backbone {name!r}, not {expect_backbone!r} as "
+                             "configured; recompute them or fix --backbone")
+        if expect_grid is not None and tuple(expect_grid) != self.grid:
+            raise ValueError(f"features in {self.path} have grid {self.grid}, not {tuple(expect_grid)} as "
+                             "configured; recompute them at the configured size")
+
+    @property
+    def image_ids(self) -> list[str]:
+        return list(self.where)
+
+    def missing(self, ids: list[str]) -> list[str]:
+        """The ids that no shard holds."""
+        return [i for i in ids if str(i) not in self.where]
+
+    def patch_of(self, ids: list[str]) -> torch.Tensor:
+        """(len(ids), h, w, D) fp32 patch tokens of ``ids`` (KeyError names an id no shard holds)."""
+        from safetensors import safe_open
+
+        rows: list[torch.Tensor | None] = [None] * len(ids)
+        by_file: dict[int, list[tuple[int, int]]] = {}
+        for j, i in enumerate(ids):
+            if str(i) not in self.where:
+                raise KeyError(f"image id {i!r} is in no shard of {self.path}")
+            fi, r = self.where[str(i)]
+            by_file.setdefault(fi, []).append((j, r))
+        for fi, pairs in by_file.items():
+            with safe_open(str(self.files[fi]), "pt") as h:
+                sl = h.get_slice("patch")
+                for j, r in pairs:
+                    rows[j] = sl[r:r + 1].float()
+        return torch.cat(rows)  # type: ignore[arg-type]

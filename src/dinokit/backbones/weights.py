@@ -1,4 +1,4 @@
-"""Weight resolution, safe reading, unwrapping, layout conversion, strict loading and export (spec §8).
+"""Weight resolution, safe reading, unwrapping, layout conversion, strict loading and export (docs/backbones.md).
 
 Resolution of a tag: (1) the Hugging Face cache (lookup only), (2) the torch hub cache file of the official URL,
 (3) ``huggingface_hub.hf_hub_download`` when online. Files are read with ``weights_only=True`` (allow-listed
@@ -26,7 +26,8 @@ import timm
 import torch
 from torch import nn
 
-from .registry import SHAPES, ModelSpec
+from ..io import dinokit_version
+from .registry import ASSETS, SHAPES, ModelSpec
 
 log = logging.getLogger(__name__)
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
@@ -77,12 +78,6 @@ def sha256(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _version() -> str:
-    from .. import __version__
-
-    return __version__
 
 
 def _truthy(v: str | None) -> bool:
@@ -200,7 +195,9 @@ def _group(sd: dict, prefix: str) -> dict:
 
 def unwrap(obj: Any, key: str | None = None, which: str = "teacher",
            where: str = "checkpoint") -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
-    """Unwrap a checkpoint object to a flat state dict (spec §8.4); returns (state dict, steps, dropped keys)."""
+    """Unwrap a checkpoint object to a flat state dict; returns (state dict, steps, dropped keys).
+
+    See docs/backbones.md."""
     if which not in ("teacher", "student"):
         raise ValueError(f"which={which!r}; choose 'teacher' or 'student'")
     steps: list[str] = []
@@ -327,8 +324,8 @@ def convert(sd: dict[str, torch.Tensor], layout: str, model: nn.Module, *, drop_
     dropped = _split_heads(sd, model)
     if layout == "transformers":
         raise CheckpointMismatchError(
-            f"{where} is in the Hugging Face transformers layout (keys embeddings.*, encoder.layer.*), which dinokit "
-            "does not convert: use the timm copy (`hf download timm/<arch>.<tag>`) or the official .pth file")
+            f"{where} is in the Hugging Face transformers layout (keys embeddings.*, encoder.layer.*) without its "
+            "config.json: pass the folder holding config.json and model.safetensors, or its repo id")
     if "mask_token" in sd:
         kept["mask_token"] = sd["mask_token"]
     if drop_registers:
@@ -457,8 +454,12 @@ def load_into(model: nn.Module, ckpt: Checkpoint, name: str, spec: ModelSpec, *,
         log.info("%s: dropped by design (not part of the backbone): %s", where, _summarise(dropped))
     info = dict(ckpt.info)
     info.update(layout=layout, conversions=ckpt.info.get("unwrap", []) + conversions, dropped=_summarise(dropped),
-                dinokit_version=_version())
+                dinokit_version=dinokit_version())
     info.pop("unwrap", None)
+    if ckpt.info.get("hf_config"):  # transformers config: heads, eps, act, RoPE base are in no tensor shape
+        from .hf import check_architecture
+
+        check_architecture(ckpt.info["hf_config"], model, where, spec.arch)
     return info, kept
 
 
@@ -561,12 +562,43 @@ def resolve_tag(name: str, spec: ModelSpec, tag: str, *, offline: bool | None = 
                                                "the download failed (" + "; ".join(errors) + ")"))
 
 
+def shipped_asset(name: str, tag: str) -> tuple[Path, dict] | None:
+    """(path, info) of the weights of ``name``/``tag`` shipped in ``dinokit/backbones/assets`` (None when the pair
+    ships none); ``info["provenance"]`` carries the training record of the JSON beside the file."""
+    fname = ASSETS.get((name, tag))
+    if fname is None:
+        return None
+    path = Path(__file__).parent / "assets" / fname
+    if not path.is_file():
+        raise WeightsUnavailableError(
+            f"the shipped weights of {name} (tag {tag!r}) are missing: {path} does not exist. Reinstall dinokit with "
+            "its package data (backbones/assets/*), regenerate them with `dinokit pretrain --config "
+            "configs/demo/pretrain.yaml` and copy the file there, or pass weights='random'")
+    info: dict = {"source": "dinokit-asset", "path": str(path), "tag": tag, "sha256": sha256(path)}
+    sidecar = path.with_suffix(".json")
+    if sidecar.is_file():
+        prov = json.loads(sidecar.read_text())
+        info["provenance"] = {k: prov[k] for k in ("sha256", "seed", "steps", "images_seen", "wall_seconds", "data",
+                                                   "weights") if k in prov}
+        info["provenance"]["config"] = prov.get("meta", {}).get("config", {})
+        if prov.get("sha256") not in (None, info["sha256"]):
+            log.warning("%s: sha256 %s differs from the one recorded in %s (%s)", path, info["sha256"], sidecar,
+                        prov.get("sha256"))
+    return path, info
+
+
 def read_checkpoint(name: str, spec: ModelSpec, weights: Any, *, tag: str | None = None,
                     offline: bool | None = None, cache_dir: str | None = None, which: str = "teacher",
                     key: str | None = None, trust_checkpoint: bool = False) -> Checkpoint | None:
     """Resolve and read ``weights`` (None for ``"random"``) into an unwrapped :class:`Checkpoint`."""
     if isinstance(weights, str) and weights == "random":
         return None
+    from .hf import read_transformers  # transformers folders / repo ids (None: anything else)
+
+    hf = read_transformers(name, spec, weights, offline=offline, cache_dir=cache_dir, which=which, key=key,
+                           trust_checkpoint=trust_checkpoint)
+    if hf is not None:
+        return hf
     if is_file(weights):
         path = Path(weights)
         if not path.is_file():
@@ -578,7 +610,8 @@ def read_checkpoint(name: str, spec: ModelSpec, weights: Any, *, tag: str | None
         if t is None:
             raise ValueError(f"{name} ({spec.arch}) has no default pretrained tag; pass tag=..., a file, or "
                              "weights='random'")
-        path, info = resolve_tag(name, spec, t, offline=offline, cache_dir=cache_dir)
+        asset = shipped_asset(name, t)
+        path, info = asset if asset is not None else resolve_tag(name, spec, t, offline=offline, cache_dir=cache_dir)
     obj, meta = read_file(path, trust_checkpoint=trust_checkpoint)
     sd, steps, dropped = unwrap(obj, key=key, which=which, where=str(path))
     if dropped:
@@ -610,7 +643,7 @@ def load_weights(model: nn.Module, name: str, spec: ModelSpec, weights: Any, *, 
     if isinstance(weights, str) and weights == "random":
         log.warning("%s: explicitly random initialisation (weights='random')", name)
         return {"source": "random", "name": name, "arch": spec.arch, "tag": None, "layout": None,
-                "dinokit_version": _version()}, {}
+                "dinokit_version": dinokit_version()}, {}
     if ckpt is None:
         ckpt = read_checkpoint(name, spec, weights, **opts)
     info, kept = load_into(model, ckpt, name, spec, drop_registers=drop_registers)
@@ -636,7 +669,7 @@ def export(bb, path: str | Path, format: str = "dinokit") -> Path:
         meta = {"dinokit_format": DINOKIT_FORMAT, "name": bb.name, "arch": bb.arch, "tag": bb.tag or "",
                 "family": bb.family, "patch_size": str(bb.patch_size), "num_registers": str(bb.num_registers),
                 "pos_interp": bb.pos_interp, "source": str(bb.weights_info.get("source", "")),
-                "dinokit_version": _version(), "model_kwargs": json.dumps(getattr(bb, "model_kwargs", {}) or {})}
+                "dinokit_version": dinokit_version(), "model_kwargs": json.dumps(getattr(bb, "model_kwargs", {}) or {})}
         with atomic_path(path) as tmp:
             save_file(sd, str(tmp), metadata=meta)
         return path

@@ -11,18 +11,6 @@ from . import command, group
 group("bt", "Barlow Twins pretraining of ViTs")
 
 
-def export_backbone(backbone, path: Path) -> Path:
-    """Write the backbone's timm state dict as a dinokit-format safetensors file (``load_backbone(weights=path)``)."""
-    from safetensors.torch import save_file
-
-    from ..io import atomic_path
-
-    sd = {k: v.detach().cpu().contiguous() for k, v in backbone.model.state_dict().items()}
-    with atomic_path(path) as tmp:
-        save_file(sd, str(tmp), metadata={"name": backbone.name, "arch": backbone.arch, "source": "dinokit bt fit"})
-    return path
-
-
 @command("bt fit")
 def fit(data: str = "synthetic", out: Path = Path("runs/bt"), backbone: str = "demo_vit", weights: str = "random",
         projector: str = "small", pool: str = "cls", lambd: float = 0.0051, norm: str = "batchnorm",
@@ -77,7 +65,8 @@ def fit(data: str = "synthetic", out: Path = Path("runs/bt"), backbone: str = "d
 
     from ..data.sources import open_source
     from ..io import atomic_write_text, run_metadata
-    from ..methods.barlow_twins import BarlowTwinsModule, TwoViews, barlow_twins_views
+    from ..methods.barlow_twins import TwoViews, barlow_twins_views
+    from ..methods.barlow_twins.lightning import BarlowTwinsModule
     from ..methods.training import trainer_kwargs
     from ..viz import callbacks as cbs
 
@@ -115,12 +104,14 @@ def fit(data: str = "synthetic", out: Path = Path("runs/bt"), backbone: str = "d
         callbacks.append(cbs.ERFCallback(every_n_epochs=every_n_epochs, log_scale=True))  # own patch dominates
     trainer = pl.Trainer(**trainer_kwargs(accelerator, devices, precision, max_epochs, out, max_steps),
                          callbacks=callbacks)
+    start_info = dict(bb.weights_info)  # the starting weights (results.json)
     if not resume and trainer.is_global_zero:  # the starting point, for before/after comparisons
-        export_backbone(bb, out / "backbone_init.safetensors")
+        bb.export(out / "backbone_init.safetensors")
     trainer.fit(module, train_dl, val_dl, ckpt_path=str(resume) if resume else None)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if trainer.is_global_zero:
-        export_backbone(bb, out / "backbone.safetensors")
+        bb.weights_info = {**start_info, "source": "dinokit bt fit"}  # recorded in the export's metadata
+        bb.export(out / "backbone.safetensors")
         result = {**{f"bt/{k}": v for k, v in metrics.items()},
                   "meta": run_metadata(dict(data=str(data), backbone=backbone, weights=weights, projector=projector,
                                             pool=pool, lambd=lambd, norm=norm, eps=eps, augment=augment,
@@ -128,7 +119,7 @@ def fit(data: str = "synthetic", out: Path = Path("runs/bt"), backbone: str = "d
                                             lr_scaling=lr_scaling, weight_decay=weight_decay,
                                             warmup_epochs=warmup_epochs, max_epochs=max_epochs,
                                             batch_size=batch_size, devices=devices, seed=seed),
-                                       "barlow_twins", bb.weights_info)}
+                                       "barlow_twins", start_info)}
         atomic_write_text(out / "results.json", json.dumps(result, indent=1, default=str))
         print(json.dumps({k: v for k, v in result.items() if k != "meta"}))
     return 0

@@ -1,4 +1,4 @@
-"""``dinokit classify fit``: the localisation-guided classification recipe (crops.md §4)."""
+"""``dinokit classify fit``: the localisation-guided classification recipe (see docs/methods/localisation.md)."""
 
 from __future__ import annotations
 
@@ -74,9 +74,10 @@ def fit(data: str = "synthetic", out: Path = Path("runs/classify"), crop: str = 
     from ..data import crops as C
     from ..io import atomic_write_text, run_metadata
     from ..methods import classifier as K
+    from ..methods.classifier.lightning import fit_classifier
 
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()
-              if k not in ("torch", "C", "K", "atomic_write_text", "run_metadata")}
+              if k not in ("torch", "C", "K", "fit_classifier", "atomic_write_text", "run_metadata")}
     torch.manual_seed(seed)
     if data == "synthetic":
         from ..data.synthetic import SyntheticScenes, num_classes
@@ -118,8 +119,8 @@ def fit(data: str = "synthetic", out: Path = Path("runs/classify"), crop: str = 
                          schedule=schedule, warmup_epochs=warmup_epochs, label_smoothing=label_smoothing,
                          ema_decay=ema_decay, ema_every=ema_every, bn_freeze_after_epoch=bn_freeze_after_epoch)
     accel = accelerator if accelerator != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
-    metrics, _ = K.fit_classifier(train_set, val_set, model, cfg, batch_size, num_workers, density, accel, devices,
-                                  precision, seed, Path(out))
+    metrics, _ = fit_classifier(train_set, val_set, model, cfg, batch_size, num_workers, density, accel, devices,
+                                precision, seed, Path(out))
     mode = crop if crop != "localized" else f"localized-{'gt' if boxes == 'gt' else 'file'}-thr{thr:g}"
     flat = {f"{key}/classify/{mode}/s{seed}/{k.replace('val/', '')}": v for k, v in metrics.items()}
     atomic_write_text(Path(out) / "metrics.json", json.dumps({**flat, "meta": run_metadata(config, "classify")},

@@ -11,9 +11,17 @@ group("crops", "Attention-guided crops: the maIoU curve and the attention-densit
 
 
 def _load_images(data: str, split: str, split_mode: str, n_images: int, image_size: int, seed: int,
-                 fine_grained: bool = True) -> tuple[list, list[str], list | None, str]:
-    """(images, ids, gt boxes per image (M_i, 4) xywh or None, dataset key) for ``synthetic`` or a CUB root."""
+                 fine_grained: bool = True, aliases: dict | None = None) -> tuple[list, list[str], list | None, str]:
+    """(images, ids, gt boxes per image (M_i, 4) xywh or None, dataset key) for ``synthetic`` or a CUB root.
+
+    CUB ids are the dataset ids (``images.txt`` paths, as ``dinokit eval boxes`` and the datasets use); ``aliases``,
+    when given, receives {numeric CUB id: dataset id}."""
     import numpy as np
+
+    from ..errors import check_positive
+
+    check_positive(n_images, "--n_images")
+    check_positive(image_size, "--image_size")
 
     if data == "synthetic":
         from ..data.synthetic import SyntheticScenes
@@ -32,8 +40,10 @@ def _load_images(data: str, split: str, split_mode: str, n_images: int, image_si
         ds = CUB200(root, split=sp, split_mode=mode)
         for i, rec in enumerate(ds.records):
             images.append(np.asarray(ds[i]["image"]))
-            ids.append(str(ds.cub_ids[i]))
-            gts.append(rec.boxes if rec.boxes is not None else np.zeros((0, 4), np.float32))
+            ids.append(str(rec.id))
+            if aliases is not None:
+                aliases[str(ds.cub_ids[i])] = str(rec.id)
+            gts.append(rec.boxes)  # None where bounding_boxes.txt has no entry (or is missing)
     return images, ids, gts, "cub"
 
 
@@ -43,7 +53,7 @@ def boxes(data: str = "synthetic", out: Path = Path("runs/boxes/boxes.json"), ba
           image_size: int = 64, block: int = -1, size: str = "native", autocontrast: bool = True,
           values: str = "logit", outlier: bool = True, rule: str = "fixed", threshold: float | None = None,
           tau: float = 0.6, box: str = "centroid", largest_component: bool = False, batch_size: int = 32,
-          n_overlays: int = 8, device: str = "cpu", seed: int = 0) -> int:
+          n_overlays: int = 8, no_metrics: bool = False, device: str = "cpu", seed: int = 0) -> int:
     """Pseudo ground-truth boxes from CLS attention: JSON {image_id: [x, y, w, h]}, metadata, overlays, metrics.
 
     Args:
@@ -67,6 +77,8 @@ def boxes(data: str = "synthetic", out: Path = Path("runs/boxes/boxes.json"), ba
         largest_component: keep the largest 8-connected component of the mask.
         batch_size: images per backbone forward (images are bucketed by input size).
         n_overlays: figures drawn for the first N images.
+        no_metrics: write the boxes only (no metrics against gt boxes; needed for a CUB root without
+            bounding_boxes.txt).
         device: torch device.
         seed: seed of the synthetic scenes.
     """
@@ -75,23 +87,38 @@ def boxes(data: str = "synthetic", out: Path = Path("runs/boxes/boxes.json"), ba
 
     from ..backbones import load_backbone
     from ..data import crops as C
+    from ..errors import check_out_file, check_positive, strict_json
     from ..eval.boxes import box_aiou, corloc, miou_box
-    from ..io import atomic_write_text, run_metadata
+    from ..io import atomic_write_text, dinokit_version, run_metadata
 
+    check_positive(batch_size, "--batch_size")
+    check_out_file(out)
     torch.manual_seed(seed)
     threshold = C.FIXED_THRESHOLD if threshold is None else threshold
     cfg = C.BoxConfig(block=block, size=size, autocontrast=autocontrast, values=values, outlier=outlier, rule=rule,
                       threshold=threshold, tau=tau, box=box, largest_component=largest_component,
                       batch_size=batch_size)
-    images, ids, gts, key = _load_images(data, split, split_mode, n_images, image_size, seed)
+    aliases: dict = {}
+    images, ids, gts, key = _load_images(data, split, split_mode, n_images, image_size, seed, aliases=aliases)
+    if no_metrics:
+        gts = None
+    elif gts is not None and any(g is None for g in gts):
+        from ..errors import MissingFileError
+
+        lacking = [i for i, g in zip(ids, gts, strict=True) if g is None]
+        raise MissingFileError(f"{Path(data) / 'bounding_boxes.txt'} is missing or lacks {len(lacking)} image(s) "
+                               f"(first: {lacking[:3]}): the metrics need the gt boxes",
+                               hint="restore bounding_boxes.txt, or pass --no_metrics to write the boxes only")
     bb = load_backbone(backbone, weights=weights, device=device).eval()
     pred, degenerate = C.pseudo_boxes(bb, images, ids, cfg, device=device)
     out = Path(out)
     meta = {"backbone": bb.name, "weights": bb.weights_info, "block": block, "size": size,
             "autocontrast": autocontrast, "values": values, "outlier": outlier, "rule": rule,
             "threshold": threshold, "tau": tau, "box": box, "largest_component": largest_component,
-            "dinokit_version": C.dinokit_version(), "count": len(pred), "degenerate_ids": degenerate,
-            "data": data, "seed": seed}
+            "dinokit_version": dinokit_version(), "count": len(pred), "degenerate_ids": degenerate,
+            "data": data, "split": split, "split_mode": split_mode, "seed": seed, "id_scheme": "dataset"}
+    if aliases:  # numeric images.txt id -> dataset id, so readers keyed by the numeric id still find their boxes
+        meta["id_aliases"] = aliases
     if rule == "fixed":
         meta["kernel"] = "max(3, floor(0.2 h)) x max(3, floor(0.2 w)), odd"
     C.write_box_json(out, pred, meta)
@@ -114,8 +141,8 @@ def boxes(data: str = "synthetic", out: Path = Path("runs/boxes/boxes.json"), ba
             metrics[f"{key}/boxes/native/{src}/main/miou_box"] = miou_box(p, main, fmt="xywh")
             metrics[f"{key}/boxes/native/{src}/main/corloc"] = corloc(p, main, fmt="xywh")["corloc"]
         payload = {**metrics, "meta": run_metadata(meta, "boxes/native", bb.weights_info)}
-        atomic_write_text(stem.with_name(stem.name + ".metrics.json"), json.dumps(payload, indent=1, default=str))
-    print(json.dumps({"boxes": str(out), "count": len(pred), "degenerate": len(degenerate), **metrics}, indent=1))
+        atomic_write_text(stem.with_name(stem.name + ".metrics.json"), strict_json(payload))
+    print(strict_json({"boxes": str(out), "count": len(pred), "degenerate": len(degenerate), **metrics}))
     return 0
 
 
@@ -132,7 +159,8 @@ def _parse_range(spec: str) -> list[float]:
 
 @command("crops maiou-curve")
 def maiou_curve(boxes: str = "synthetic", data: str | None = None, thr: str = "0:1:0.1", maiou: float | None = None,
-                n_images: int = 20000, out: Path = Path("runs/maiou_curve"), seed: int = 0) -> int:
+                n_images: int = 20000, out: Path = Path("runs/maiou_curve"), clip_boxes: bool = False,
+                seed: int = 0) -> int:
     """maIoU of LocalizedRandomResizedCrop against thr on a set of boxes, plotted next to the published curve.
 
     Args:
@@ -142,11 +170,13 @@ def maiou_curve(boxes: str = "synthetic", data: str | None = None, thr: str = "0
         maiou: only convert this maIoU to thr through the fit thr = (2 (m - 0.5))^2.5 and print it.
         n_images: size of the synthetic set.
         out: output folder (maiou_curve.json, maiou_curve.png).
+        clip_boxes: clip boxes that leave their image to it instead of refusing the box file.
         seed: seed of the synthetic set and of the crops.
     """
     import numpy as np
 
     from ..data import crops as C
+    from ..errors import check_out_dir, check_positive, strict_json
     from ..io import atomic_write_text, run_metadata
     from ..viz.figures import save_figure
 
@@ -157,6 +187,8 @@ def maiou_curve(boxes: str = "synthetic", data: str | None = None, thr: str = "0
             print(json.dumps({"maiou": maiou, "thr": C.thr_from_maiou(maiou)}))
         return 0
     thrs = _parse_range(thr)
+    check_positive(n_images, "--n_images")
+    check_out_dir(out)
     if boxes == "synthetic":
         bx = C.synthetic_boxes(n_images, (375, 500), seed).tolist()
         sizes = [(375, 500)] * len(bx)
@@ -168,7 +200,7 @@ def maiou_curve(boxes: str = "synthetic", data: str | None = None, thr: str = "0
         from ..data.datasets import CUB200
 
         sets = [CUB200(data, split=s, split_mode="official") for s in ("train", "test")]
-        ids = [str(i) for ds in sets for i in ds.cub_ids]
+        ids = [str(r.id) for ds in sets for r in ds.records]
         recs = [r for ds in sets for r in ds.records]
         sizes = []
         for r in recs:
@@ -177,7 +209,7 @@ def maiou_curve(boxes: str = "synthetic", data: str | None = None, thr: str = "0
         if boxes == "gt":
             bx = [r.boxes[0].tolist() for r in recs]
         else:
-            table = C.read_box_json(boxes, ids)
+            table = C.read_box_json(boxes, ids, sizes=dict(zip(ids, sizes, strict=True)), clip=clip_boxes)
             bx = [table[i] for i in ids]
     curve = {t: C.localized_crop_maiou(bx, sizes, t, seed=seed) for t in thrs}
     rrc = _rrc_maiou(bx, sizes, seed)
@@ -187,7 +219,7 @@ def maiou_curve(boxes: str = "synthetic", data: str | None = None, thr: str = "0
     res[f"maiou/{tag}/rrc"] = rrc
     res["meta"] = run_metadata({"boxes": boxes, "data": data, "thr": thrs, "n_images": len(bx), "seed": seed},
                                "maiou")
-    atomic_write_text(out / "maiou_curve.json", json.dumps(res, indent=1, default=str))
+    atomic_write_text(out / "maiou_curve.json", strict_json(res))
     import matplotlib
 
     matplotlib.use("Agg")

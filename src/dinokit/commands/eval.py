@@ -3,7 +3,8 @@
 Each command opens a dataset with :func:`dinokit.data.datasets.open_dataset`, squashes images to ``size`` x ``size``
 (antialiased bilinear; masks nearest at pixel centres), extracts patch features with the backbone (or reads feature
 shards written by ``dinokit features`` with ``--features DIR``, checked against the configured backbone and grid),
-runs the evaluator and writes ``<out>/<task>.json`` (flat keys per spec §9 plus ``meta/*`` strings and a ``meta``
+runs the evaluator and writes ``<out>/<task>.json`` (flat keys, see docs/eval/index.md, plus ``meta/*`` strings and
+a ``meta``
 provenance block, atomically) and figures under ``<out>/figures``. Heavy imports stay inside the functions.
 """
 
@@ -117,16 +118,115 @@ def _meta(task: str, protocol: str, config: dict, record: dict, extra: dict | No
     return flat
 
 
-def _write(out: Path, task: str, metrics: dict, meta: dict) -> Path:
+DEFAULT_SHOW = ("miou", "/r2", "/se", "corloc")
+
+
+def write_result(out: Path, task: str, metrics: dict, meta: dict, show: tuple[str, ...] = DEFAULT_SHOW) -> Path | None:
+    """Write ``<out>/<task>.json`` atomically (metrics + meta) and print the metrics whose key ends with one of
+    ``show``. Under DDP only global rank 0 writes and prints (others return None)."""
+    from ..eval.metrics import dist_rank_world
     from ..io import atomic_write_text
 
+    if dist_rank_world()[0] != 0:
+        return None
     path = Path(out) / f"{task}.json"
-    atomic_write_text(path, json.dumps({**metrics, **meta}, indent=1, default=str))
+    atomic_write_text(path, json.dumps({**metrics, **meta}, indent=1, default=str, allow_nan=False))
     print(f"{task}: wrote {path}")
     for k, v in metrics.items():
-        if k.endswith("miou") or k.endswith("/r2") or k.endswith("/se") or k.endswith("corloc"):
+        if k.endswith(tuple(show)):
             print(f"  {k} = {v:.4f}" if isinstance(v, float) else f"  {k} = {v}")
     return path
+
+
+def _write(out: Path, task: str, metrics: dict, meta: dict) -> Path | None:
+    return write_result(out, task, metrics, meta, show=DEFAULT_SHOW)
+
+
+def _dist_setup(device: str) -> tuple[int, int, str]:
+    """Join the torchrun process group when WORLD_SIZE > 1 (gloo on CPU, nccl on CUDA); (rank, world, device)
+    with ``cuda`` pinned to ``cuda:LOCAL_RANK``. The global rank decides sharding and who writes."""
+    import os
+
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and dist.is_available() and not dist.is_initialized():
+        cuda = str(device).startswith("cuda")
+        if cuda:
+            import torch
+
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if dist.is_available() and dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if str(device) == "cuda":
+            device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+        return rank, world, device
+    return 0, 1, device
+
+
+def _workdir(out: Path, task: str):
+    """A temporary folder under ``<out>/.tmp`` for disk-backed arrays (removed on exit, also on errors)."""
+    import tempfile
+
+    root = Path(out) / ".tmp"
+    root.mkdir(parents=True, exist_ok=True)
+    return tempfile.TemporaryDirectory(prefix=f"{task}-", dir=root)
+
+
+def subset_token(fraction: float, seed: int) -> str:
+    """Key token of a seeded train subset: ``sub1of8-s42`` for 1/8 (a unit fraction), else ``sub0.3-s42``."""
+    inv = 1.0 / fraction
+    if abs(inv - round(inv)) < 1e-9 * inv and round(inv) > 1:
+        return f"sub1of{round(inv)}-s{seed}"
+    return f"sub{fraction:g}-s{seed}"
+
+
+def _split_size(data: Path, split: str, n_images: int | None) -> int:
+    from ..data.datasets import open_dataset
+
+    n = len(open_dataset(Path(data), split))
+    if n == 0:
+        raise ValueError(f"split {split!r} of {data} is empty; check --data and --split")
+    return n if n_images is None else min(n, n_images)
+
+
+def stream_features(loader, features: Path | None, backbone: str, weights: str, size: int, device: str, bb=None):
+    """(iterator of (patch (B, h, w, D) fp32, batch), backbone record): a batched forward over ``loader``, or the
+    rows of ``--features DIR`` read lazily per batch (checked against the backbone, grid and split ids)."""
+    from ..backbones.extract import iter_patch_features
+
+    if features is None:
+        bb = bb or _backbone(backbone, weights, device)
+        return iter_patch_features(bb, loader, device), {"name": bb.name, "patch_size": bb.patch_size,
+                                                         "weights": bb.weights_info}
+    from ..backbones.shards import LazyFeatureDir
+
+    fs = LazyFeatureDir(features, expect_backbone=backbone)
+    rec = fs.meta.get("backbone", {})
+    p = int(rec.get("patch_size") or 0)
+    if p and tuple(fs.grid) != (size // p, size // p):
+        raise ValueError(f"features in {features} have grid {tuple(fs.grid)}, but --size {size} with patch size {p} "
+                         f"needs {(size // p, size // p)}; recompute them with `dinokit features --size {size}` or "
+                         "fix --size")
+    missing = fs.missing(loader.dataset.ids)
+    if missing:
+        raise ValueError(f"features in {features} lack {len(missing)} image(s) of the split (first: {missing[:3]}); "
+                         "they were computed for another dataset or split")
+    return ((fs.patch_of(b["id"]), b) for b in loader), rec
+
+
+def _figure_items(data: Path, split: str, size: int, n: int, mask_rule: str = "pixel_centre"):
+    """uint8 (S, S, 3) images and (S, S) int64 masks of the first ``n`` items (for figures only)."""
+    import numpy as np
+
+    from ..data.datasets import open_dataset
+    from ..data.sources import SegSplit
+
+    sp = SegSplit(open_dataset(Path(data), split), size, None, list(range(n)), mask_rule=mask_rule)
+    items = [sp[j] for j in range(min(n, len(sp)))]
+    return ([it["image"].permute(1, 2, 0).numpy() for it in items],
+            np.stack([it["mask"].long().numpy() for it in items]) if items else None)
 
 
 @command("eval overcluster")
@@ -134,8 +234,9 @@ def overcluster(data: Path, out: Path = Path("runs/eval"), backbone: str = "dino
                 weights: str = "pretrained", split: str = "val", size: int = 448, protocol: str = "fast100",
                 ks: list[int] | None = None, seeds: list[int] | None = None, niter: int = 100, nredo: int = 5,
                 kmeans_backend: str = "faiss", n_images: int | None = None, features: Path | None = None,
-                batch_size: int = 32, device: str = "cpu", n_figures: int = 4, seed: int = 0) -> int:
-    """Overclustering (k-means segmentation) mIoU of the evaluation split (spec §3).
+                batch_size: int = 32, num_workers: int = 0, device: str = "cpu", n_figures: int = 4,
+                seed: int = 0) -> int:
+    """Overclustering (k-means segmentation) mIoU of the evaluation split (docs/eval/index.md).
 
     Args:
         data: dataset root (VOC-style, COCO, ADE20K, Cityscapes layouts).
@@ -153,35 +254,51 @@ def overcluster(data: Path, out: Path = Path("runs/eval"), backbone: str = "dino
         n_images: only the first n images (e.g. 1440 reproduces upstream's drop_last).
         features: read features written by `dinokit features` instead of recomputing them.
         batch_size: images per forward pass.
-        device: torch device.
+        num_workers: DataLoader worker processes decoding and resizing images.
+        device: torch device (under torchrun, cuda means cuda:LOCAL_RANK).
         n_figures: images drawn in the cluster-map figure.
         seed: recorded seed (k-means seeds are given by seeds).
     """
-    from ..eval.overcluster import overcluster as run
+    from ..data.sources import open_split
+    from ..eval.metrics import rank_shard
+    from ..eval.overcluster import OverclusterStream
     from ..viz.figures import save_confusion, save_label_grid
 
     t0 = time.perf_counter()
+    rank, world, device = _dist_setup(device)
     seeds = list(seeds) if seeds is not None else [0, 1, 2, 3, 4]
-    sp = _open_split(data, split, size, n_images, keep_full=protocol == "full")
-    feats, rec = _features(sp, features, backbone, weights, size, device, batch_size)
-    res = run(feats, sp.full_masks if protocol == "full" else sp.masks, sp.num_classes, ks=ks, seeds=seeds,
-              protocol=protocol, ignore_index=sp.ignore_index, niter=niter, nredo=nredo, backend=kmeans_backend)
+    n_all = _split_size(data, split, n_images)
+    loader = open_split(data, split, size, batch_size=batch_size, num_workers=num_workers,
+                        mask_size="full" if protocol == "full" else 100, indices=rank_shard(n_all, rank, world))
+    sp = loader.dataset
+    with _workdir(out, "overcluster") as tmp:
+        acc = OverclusterStream(tmp, sp.num_classes, protocol, sp.ignore_index)
+        batches, rec = stream_features(loader, features, backbone, weights, size, device)
+        for f, batch in batches:
+            acc.add(f, batch["mask"], batch["index"].tolist())
+        res = acc.compute(ks=ks, seeds=seeds, niter=niter, nredo=nredo, backend=kmeans_backend,
+                          n_maps=max(1, n_figures))
+    if res is None:  # not global rank 0
+        return 0
     base = f"{sp.key}/overcluster/{protocol}/in{size}"
     metrics = {f"{base}/{k}": v for k, v in res.metrics.items()}
     figs = Path(out) / "figures"
-    n = min(n_figures, len(sp.images))
+    n = min(n_figures, n_all)
     if n:
-        save_label_grid(figs / "overcluster_maps.png", sp.images[:n],
-                        {"ground truth": sp.masks[:n].numpy(),
-                         **{f"k{k} clusters": m[:n] for k, m in res.cluster_maps.items()}}, sp.ignore_index)
+        imgs, gt = _figure_items(data, split, size, n)
+        save_label_grid(figs / "overcluster_maps.png", imgs,
+                        {"ground truth": gt, **{f"k{k} clusters": m[:n] for k, m in res.cluster_maps.items()}},
+                        sp.ignore_index)
     k0 = sp.num_classes if sp.num_classes in res.confusion else next(iter(res.confusion))
     save_confusion(figs / "overcluster_confusion.png", res.confusion[k0], sp.class_names,
                    title=f"K={k0} clusters (seed {seeds[0]}) vs ground truth")
     cfg = {"data": str(data), "backbone": backbone, "weights": weights, "split": split, "size": size,
            "protocol": protocol, "ks": ks, "seeds": seeds, "niter": niter, "nredo": nredo, "n_images": n_images,
-           "features": str(features) if features else None, "seed": seed, "seconds": time.perf_counter() - t0}
-    _write(out, "overcluster", metrics, _meta("overcluster", protocol, cfg, rec,
-                                              {"kmeans_backend": kmeans_backend, "seeds": seeds}))
+           "features": str(features) if features else None, "world_size": world, "seed": seed,
+           "seconds": time.perf_counter() - t0}
+    write_result(out, "overcluster", metrics, _meta("overcluster", protocol, cfg, rec,
+                                                    {"kmeans_backend": kmeans_backend, "seeds": seeds}),
+                 show=("/miou",))
     return 0
 
 
@@ -191,8 +308,8 @@ def linear(data: Path, out: Path = Path("runs/eval"), backbone: str = "dinov2_vi
            lrs: list[float] | None = None, epochs: int = 25, iterations: int = 40_000, batch_size: int | None = None,
            eval_size: int | None = 100, train_fraction: float | None = None, subset_seed: int = 400,
            n_images: int | None = None, features: Path | None = None, train_features: Path | None = None,
-           device: str = "cpu", seed: int = 400) -> int:
-    """Linear segmentation probe on frozen features, several learning rates in one pass (spec §4).
+           num_workers: int = 0, device: str = "cpu", seed: int = 400) -> int:
+    """Linear segmentation probe on frozen features, several learning rates in one pass (docs/eval/index.md).
 
     Args:
         data: dataset root.
@@ -214,29 +331,53 @@ def linear(data: Path, out: Path = Path("runs/eval"), backbone: str = "dinov2_vi
         n_images: only the first n val images.
         features: val features written by `dinokit features`.
         train_features: train features written by `dinokit features`.
-        device: torch device.
+        num_workers: DataLoader worker processes decoding the images.
+        device: torch device (under torchrun, cuda means cuda:LOCAL_RANK).
         seed: probe seed (head init, shuffling).
     """
+    import torch
+
+    from ..backbones.extract import all_gather_rows, features_to_memmap
+    from ..data.sources import open_split
     from ..eval.hummingbird import select_subset
     from ..eval.linear_seg import linear_probe, lr_token
+    from ..eval.metrics import rank_shard
     from ..viz.figures import save_confusion, save_curves
 
     t0 = time.perf_counter()
-    from ..data.datasets import open_dataset
-
-    n_train = len(open_dataset(Path(data), train_split))
+    rank, world, device = _dist_setup(device)
+    n_train = _split_size(data, train_split, None)
     sub = select_subset(n_train, train_fraction, subset_seed)
-    tr = _open_split(data, train_split, size, indices=sub)
-    va = _open_split(data, split, size, n_images, keep_full=protocol == "full")
+    n_val = _split_size(data, split, n_images)
+    ms = eval_size if protocol == "fast100" and eval_size is not None else None
     bb = None if features and train_features else _backbone(backbone, weights, device)
-    tf, rec = _features(tr, train_features, backbone, weights, size, device, 32, bb)
-    vf, _ = _features(va, features, backbone, weights, size, device, 32, bb)
-    res = linear_probe(tf, tr.masks, vf, va.full_masks if protocol == "full" else va.masks, va.num_classes,
-                       protocol=protocol, lrs=lrs, epochs=epochs, iterations=iterations, batch_size=batch_size,
-                       eval_size=eval_size if protocol == "fast100" else None, ignore_index=va.ignore_index,
-                       seed=seed, device=device, class_names=va.class_names)
+    with _workdir(out, "linear") as tmp:
+        arrays = {}
+        for which, sp_name, feat_dir, rows_all, mask_size in (
+                ("train", train_split, train_features, sub, ms),
+                ("val", split, features, list(range(n_val)), "full" if protocol == "full" else ms)):
+            mine = [rows_all[j] for j in rank_shard(len(rows_all), rank, world)]
+            loader = open_split(data, sp_name, size, batch_size=32, num_workers=num_workers, mask_size=mask_size,
+                                indices=mine)
+            batches, r = stream_features(loader, feat_dir, backbone, weights, size, device, bb)
+            if which == "train":
+                rec, tr_ds = r, loader.dataset
+            else:
+                va = loader.dataset
+            f, m, seen = features_to_memmap(batches, Path(tmp), len(mine), which)
+            pos = {i: j for j, i in enumerate(rows_all)}
+            f, m = all_gather_rows([f, m], [pos[i] for i in seen], Path(tmp), which, len(rows_all))
+            arrays[which] = (torch.from_numpy(f), m if isinstance(m, list) else torch.from_numpy(m))
+        del tr_ds
+        res = linear_probe(arrays["train"][0], arrays["train"][1], arrays["val"][0], arrays["val"][1],
+                           va.num_classes, protocol=protocol, lrs=lrs, epochs=epochs, iterations=iterations,
+                           batch_size=batch_size, eval_size=eval_size if protocol == "fast100" else None,
+                           ignore_index=va.ignore_index, seed=seed, device=device, class_names=va.class_names)
+        del arrays
+    if rank != 0:
+        return 0
     name = protocol if protocol == "full" or eval_size is not None else f"{protocol}@{size}"
-    sub_tok = f"/sub{train_fraction:g}-s{subset_seed}" if train_fraction else ""
+    sub_tok = f"/{subset_token(train_fraction, subset_seed)}" if train_fraction else ""
     base = f"{va.key}/linear/{name}{sub_tok}/in{size}"
     metrics = {f"{base}/{k}": v for k, v in res.metrics.items()}
     figs = Path(out) / "figures"
@@ -254,7 +395,7 @@ def linear(data: Path, out: Path = Path("runs/eval"), backbone: str = "dinov2_vi
 
 
 def augment_memory_view(image, mask, size: int, seed: int):
-    """One Hummingbird memory view (spec §5.1): colour jitter (brightness, contrast, saturation, hue 0.1, each
+    """One Hummingbird memory view (docs/eval/index.md): colour jitter (brightness, contrast, saturation, hue 0.1, each
     with p 0.5), then a paired RandomResizedCrop to ``size`` (scale (0.5, 2.0), ratio (3/4, 4/3); bilinear +
     antialias image, nearest mask). ``image`` PIL RGB, ``mask`` (H, W) int64 -> (uint8 (S, S, 3), (S, S) int64)."""
     import numpy as np
@@ -285,8 +426,8 @@ def hummingbird(data: Path, out: Path = Path("runs/eval"), backbone: str = "dino
                 knn_backend: str = "auto", matching: str = "hungarian", augment: bool = True,
                 train_fraction: float | None = None, subset_seed: int = 0, mem_fp16: bool = False,
                 n_images: int | None = None, features: Path | None = None, batch_size: int = 32,
-                device: str = "cpu", n_figures: int = 4, seed: int = 0) -> int:
-    """Hummingbird dense nearest-neighbour retrieval, protocol hb2 (spec §5).
+                num_workers: int = 0, device: str = "cpu", n_figures: int = 4, seed: int = 0) -> int:
+    """Hummingbird dense nearest-neighbour retrieval, protocol hb2 (docs/eval/index.md).
 
     Args:
         data: dataset root.
@@ -309,18 +450,19 @@ def hummingbird(data: Path, out: Path = Path("runs/eval"), backbone: str = "dino
         n_images: only the first n val images.
         features: val features written by `dinokit features` (the memory is always computed: it is augmented).
         batch_size: images per forward pass.
-        device: torch device.
+        num_workers: DataLoader worker processes decoding the query images.
+        device: torch device (under torchrun, cuda means cuda:LOCAL_RANK).
         n_figures: val images drawn in the prediction figure.
         seed: seed of the augmentations and the memory sampling.
     """
     import torch
 
     from ..data.datasets import open_dataset
-    from ..eval.hummingbird import hummingbird as run
     from ..eval.hummingbird import resolve_backend, select_subset
     from ..viz.figures import save_confusion, save_label_grid
 
     t0 = time.perf_counter()
+    rank, world, device = _dist_setup(device)
     ds = open_dataset(Path(data), train_split)
     if len(ds) == 0:
         raise ValueError(f"train split {train_split!r} of {data} is empty")
@@ -348,24 +490,40 @@ def hummingbird(data: Path, out: Path = Path("runs/eval"), backbone: str = "dino
             vmasks.append(m)
         builder.add(_extract(bb, views, device, batch_size), torch.stack(vmasks), list(range(s, s + len(views))))
     memory = builder.build()
-    va = _open_split(data, split, size, n_images)
-    vf, rec = _features(va, features, backbone, weights, size, device, batch_size, bb)
-    res = run(memory, None, vf, va.masks, va.num_classes, k=k, beta=beta, memory_size=memory_size,
-              backend=knn_backend, matching=matching, ignore_index=va.ignore_index,
-              memory_ignore_to=0, seed=seed, mem_dtype=torch.float16 if mem_fp16 else torch.float32,
-              n_examples=n_figures, class_names=va.class_names)
+    from ..data.sources import open_split
+    from ..eval.hummingbird import HummingbirdEvaluator
+    from ..eval.metrics import rank_shard
+
+    n_val = _split_size(data, split, n_images)
+    loader = open_split(data, split, size, batch_size=batch_size, num_workers=num_workers,
+                        indices=rank_shard(n_val, rank, world), mask_rule="torch")
+    va = loader.dataset
+    ev = HummingbirdEvaluator(memory, va.num_classes, k, beta, knn_backend, va.ignore_index)
+    batches, rec = stream_features(loader, features, backbone, weights, size, device, bb)
+    examples: dict[int, object] = {}
+    for f, batch in batches:  # one query batch alive at a time; only the C x C confusion matrix is kept
+        idx = batch["index"].tolist()
+        want = any(i < n_figures for i in idx)
+        preds = ev.update(f, batch["mask"], return_predictions=want)
+        if want:
+            examples.update({i: p.numpy() for i, p in zip(idx, preds, strict=True) if i < n_figures})
+    res = ev.compute(matching=matching, class_names=va.class_names, examples=[examples[i] for i in sorted(examples)])
+    if rank != 0:
+        return 0
     backend = resolve_backend(knn_backend)
     nn_tok = backend if backend.startswith("ivf") else "exact"
-    sub_tok = f"/sub{train_fraction:g}-s{subset_seed}" if train_fraction else ""
+    sub_tok = f"/{subset_token(train_fraction, subset_seed)}" if train_fraction else ""
     mem_tok = f"mem{memory_size}" if memory_size is not None else "memall"
     base = (f"{va.key}/hummingbird/hb2{sub_tok}/in{size}/{mem_tok}/ep{passes}/knn{k}/{nn_tok}"
             f"{'/fp16' if mem_fp16 else ''}{'/nomatch' if matching == 'none' else ''}")
     metrics = {f"{base}/{m}": v for m, v in res.metrics.items()}
     figs = Path(out) / "figures"
-    n = min(n_figures, len(va.images))
+    n = min(n_figures, len(res.examples))
     if n:
-        save_label_grid(figs / "hummingbird_predictions.png", va.images[:n],
-                        {"ground truth": va.masks[:n].numpy(), "hummingbird": res.examples[:n]}, va.ignore_index)
+        ex_ids = sorted(examples)[:n]
+        imgs, gt = _figure_items(data, split, size, max(ex_ids) + 1, mask_rule="torch")
+        save_label_grid(figs / "hummingbird_predictions.png", [imgs[i] for i in ex_ids],
+                        {"ground truth": gt[ex_ids], "hummingbird": res.examples[:n]}, va.ignore_index)
     save_confusion(figs / "hummingbird_confusion.png", res.confusion, va.class_names, title="Hummingbird (before "
                    "matching)")
     cfg = {"data": str(data), "backbone": backbone, "weights": weights, "train_split": train_split, "split": split,
@@ -395,7 +553,7 @@ def position(data: Path, out: Path = Path("runs/eval"), backbone: str = "dinov2_
              decorrelate: str = "flip", probe: str = "sigmoid", epochs: int = 5, lr: float = 2e-4,
              batch_size: int = 128, n_images: int | None = None, features: Path | None = None,
              train_features: Path | None = None, device: str = "cpu", probe_seed: int = 400, seed: int = 0) -> int:
-    """Position-prediction probe: MSE of (row, col) regression next to the chance level of the grid (spec §6).
+    """Position-prediction probe: MSE of (row, col) regression next to the chance level (docs/eval/position.md).
 
     Args:
         data: dataset root (or any layout with images; masks are not needed).
@@ -457,7 +615,7 @@ def entropy(data: Path, out: Path = Path("runs/eval"), backbone: str = "dinov2_v
             split: str = "val", size: int = 448, k: int = 100, seeds: list[int] | None = None, niter: int = 100,
             nredo: int = 5, n_images: int | None = None, features: Path | None = None, batch_size: int = 32,
             device: str = "cpu", seed: int = 0) -> int:
-    """Spatial entropy se1 of k-means clusters of the patch tokens (spec §7).
+    """Spatial entropy se1 of k-means clusters of the patch tokens (docs/eval/index.md).
 
     Args:
         data: dataset root (masks are not needed).
@@ -494,8 +652,10 @@ def entropy(data: Path, out: Path = Path("runs/eval"), backbone: str = "dinov2_v
 @command("eval boxes")
 def boxes(preds: Path, data: Path, out: Path = Path("runs/eval"), split: str = "val", protocol: str = "native",
           method: str = "pred", fmt: str = "xywh", hard: str = "keep", empty_gt: str = "miss",
-          iou_mode: str = "standard", dataset_key: str | None = None, seed: int = 0) -> int:
-    """Box metrics of one predicted box per image against the dataset's gt boxes: CorLoc, mean IoU, maIoU (spec §8).
+          iou_mode: str = "standard", dataset_key: str | None = None, clip_boxes: bool = False, seed: int = 0) -> int:
+    """Box metrics of one predicted box per image against the dataset's gt boxes: CorLoc, mean IoU, maIoU.
+
+    See docs/eval/boxes.md.
 
     Args:
         preds: JSON {"<image id>": [x, y, w, h]} (the pseudo-box file of `dinokit boxes`), pixel coordinates.
@@ -509,24 +669,42 @@ def boxes(preds: Path, data: Path, out: Path = Path("runs/eval"), split: str = "
         empty_gt: images without gt boxes count as misses (miss) or are skipped (skip).
         iou_mode: standard or lost (LOST's epsilon formula).
         dataset_key: dataset name in the keys (default: the loader's key).
+        clip_boxes: clip predicted boxes that leave their image to it (default: such a box is an error).
         seed: recorded seed (the computation is deterministic).
     """
     import numpy as np
 
     from ..data.crops import read_box_json
+    from ..data.crops.localized import validate_box
     from ..data.datasets import open_dataset
+    from ..errors import BoxError, MissingFileError, UsageError, check_out_dir
     from ..eval.boxes import corloc, maiou, miou_box, xywh_to_xyxy
 
+    if fmt not in ("xywh", "xyxy"):
+        raise UsageError(f"--fmt {fmt!r}: choose xywh or xyxy")
+    check_out_dir(out)
     ds = open_dataset(Path(data), split)
     if len(ds) == 0:
         raise ValueError(f"split {split!r} of {data} is empty")
     pred = read_box_json(preds, expected_ids=ds.ids, allow_extra=True)
+    items = [ds[i] for i in range(len(ds))]
+    if all(it.get("boxes") is None for it in items):  # the metric needs gt boxes: never score against nothing
+        need = Path(data) / "bounding_boxes.txt" if getattr(ds, "key", "") == "cub" else Path(data)
+        raise MissingFileError(f"no ground-truth boxes for split {split!r} of {data}: {need} is missing or empty",
+                               hint="restore the dataset's box annotations (CUB: bounding_boxes.txt)")
     p_list, g_list, h_list = [], [], []
-    for i in range(len(ds)):
-        item = ds[i]
+    for item in items:
         b = np.asarray(pred[str(item["id"])], np.float64)
+        if item.get("image") is not None:  # one validator for every box reader: in image, positive size, finite
+            xywh = b if fmt == "xywh" else np.array([b[0], b[1], b[2] - b[0], b[3] - b[1]])
+            try:
+                xywh = np.asarray(validate_box(xywh, np.asarray(item["image"]).shape[:2], item["id"], clip_boxes))
+            except BoxError as err:
+                raise BoxError(f"{preds}: {err}", hint=err.hint) from err
+            b = xywh if fmt == "xywh" else np.array([xywh[0], xywh[1], xywh[0] + xywh[2], xywh[1] + xywh[3]])
         p_list.append(xywh_to_xyxy(b) if fmt == "xywh" else b)
-        g = np.asarray(item.get("boxes", np.zeros((0, 4))), np.float64).reshape(-1, 4)
+        g = np.asarray(item.get("boxes") if item.get("boxes") is not None else np.zeros((0, 4)),
+                       np.float64).reshape(-1, 4)
         g_list.append(xywh_to_xyxy(g) if len(g) else g)
         h_list.append(np.asarray(item.get("box_hard", np.zeros(len(g), bool)), bool))
     key = dataset_key or getattr(ds, "key", "dataset")
@@ -541,6 +719,6 @@ def boxes(preds: Path, data: Path, out: Path = Path("runs/eval"), split: str = "
     else:
         raise ValueError(f"--protocol {protocol!r}: choose native or lost")
     cfg = {"preds": str(preds), "data": str(data), "split": split, "protocol": protocol, "method": method,
-           "hard": hard, "empty_gt": empty_gt, "iou_mode": iou_mode, "seed": seed}
+           "hard": hard, "empty_gt": empty_gt, "iou_mode": iou_mode, "clip_boxes": clip_boxes, "seed": seed}
     _write(out, "boxes", metrics, _meta("boxes", protocol, cfg, {"name": method}))
     return 0

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import os
 from pathlib import Path
 
+from ..errors import strict_json
 from . import command
 
 log = logging.getLogger(__name__)
@@ -23,19 +25,85 @@ def _finish(out: Path, summary: dict, world_size: int, meta: dict) -> list[tuple
         _, _, m = read_shard(out / s)
         bad += [tuple(b) for b in m.get("bad_files", [])]
     atomic_write_text(out / "bad_files.txt", "".join(f"{i}\t{r}\n" for i, r in bad))
-    atomic_write_text(out / "manifest.json", json.dumps({"shards": shards, "bad_files": len(bad),
-                                                         "world_size": world_size, **meta}, indent=1, default=str))
+    created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    atomic_write_text(out / "manifest.json", strict_json({"shards": shards, "bad_files": len(bad),
+                                                          "world_size": world_size, **meta, "created": created}))
     return bad
 
 
+def _fingerprint(data: Path, backbone: str, weights: str, hw: tuple[int, int], size_policy: str, split: str | None,
+                 dtype: str, shard_size: int, rasa: Path | None) -> dict:
+    """Everything that changes the bytes of a shard; computed before the model loads (files by sha256)."""
+    import importlib.metadata as md
+
+    from ..backbones.weights import sha256
+
+    w = Path(weights)
+    try:
+        version = md.version("dinokit")
+    except md.PackageNotFoundError:
+        version = "unknown"
+    return {"data": str(Path(data).resolve()), "backbone": backbone,
+            "weights": f"sha256:{sha256(w)}" if w.is_file() else weights, "size": list(hw),
+            "size_policy": size_policy, "split": split, "dtype": dtype, "shard_size": shard_size,
+            "rasa": f"sha256:{sha256(rasa)}" if rasa and Path(rasa).is_file() else (str(rasa) if rasa else None),
+            "dinokit": version}
+
+
+_OPTION = {"data": "--data", "backbone": "--backbone", "weights": "--weights", "size": "--size",
+           "size_policy": "--size_policy", "split": "--split", "dtype": "--dtype", "shard_size": "--shard_size",
+           "rasa": "--rasa", "dinokit": "dinokit version"}
+
+
+def _check_stale(out: Path, fp: dict, overwrite: bool) -> None:
+    """Refuse (StaleOutputError) when ``out`` holds shards or a manifest of another fingerprint; ``overwrite``
+    deletes them instead. Files other than the shards, manifest.json and bad_files.txt are never touched."""
+    from ..backbones.shards import SHARD_FORMAT, shard_fingerprint
+    from ..errors import StaleOutputError, differing
+
+    shards = sorted(out.glob("shard-*.safetensors"))
+    olds: list[tuple[str, dict]] = []
+    man = out / "manifest.json"
+    if man.is_file():
+        try:
+            olds.append(("manifest.json", json.loads(man.read_text()).get("fingerprint") or {}))
+        except (OSError, ValueError):
+            olds.append(("manifest.json", {}))
+    for f in shards:
+        olds.append((f.name, shard_fingerprint(f) or {}))
+    stale = [(name, old) for name, old in olds if differing(old, fp)]
+    if not stale:
+        return
+    if overwrite:
+        for f in [*shards, man, out / "bad_files.txt"]:
+            f.unlink(missing_ok=True)
+        log.info("--overwrite: removed %d shard(s) of other options from %s", len(shards), out)
+        return
+    name, old = stale[0]
+    diff = differing(old, fp)
+    if not old:
+        what = f"{name} has no fingerprint (written by an older dinokit, or not a {SHARD_FORMAT} shard)"
+    else:
+        what = "; ".join(f"{_OPTION.get(k, k)} was {old.get(k)!r}, now {fp.get(k)!r}" for k in diff)
+    raise StaleOutputError(f"--out {out} holds features made with other options ({what}); "
+                           f"{len(stale)} file(s) differ; nothing was changed",
+                           hint="pass --overwrite to recompute every shard, or another --out")
+
+
 def _parse_size(size: int | tuple[int, ...]) -> tuple[int, int]:
+    from ..errors import UsageError, check_positive
+
     if isinstance(size, int):
+        check_positive(size, "--size")
         return size, size
     if len(size) == 1:
-        return int(size[0]), int(size[0])
-    if len(size) == 2:
-        return int(size[0]), int(size[1])
-    raise ValueError(f"--size takes one value (square) or two (H W), got {size}")
+        hw = int(size[0]), int(size[0])
+    elif len(size) == 2:
+        hw = int(size[0]), int(size[1])
+    else:
+        raise UsageError(f"--size takes one value (square) or two (H W), got {size}", hint="e.g. --size 224")
+    check_positive(list(hw), "--size")
+    return hw
 
 
 @command("features")
@@ -43,10 +111,11 @@ def features(data: Path, out: Path, backbone: str = "dinov2_vits14", weights: st
              size: int | tuple[int, int] = 224, size_policy: str = "error", split: str | None = None,
              batch_size: int = 32,
              shard_size: int = 256, dtype: str = "float32", device: str = "cpu", num_workers: int = 2,
-             rasa: Path | None = None, skip_bad: bool = False, seed: int = 0) -> int:
+             rasa: Path | None = None, skip_bad: bool = False, overwrite: bool = False, seed: int = 0) -> int:
     """Extract dense features (patch, CLS, register tokens) of a dataset or image folder into safetensors shards.
 
-    Resumes after a kill (finished shards are kept), names bad files in bad_files.txt and runs under DDP
+    Resumes after a kill (finished shards of the same options are kept; shards of other options make it refuse
+    unless --overwrite), names bad files in bad_files.txt and runs under DDP
     (torchrun: each rank writes its own shards; the result does not depend on the number of processes).
 
     Args:
@@ -64,6 +133,7 @@ def features(data: Path, out: Path, backbone: str = "dinov2_vits14", weights: st
         num_workers: DataLoader workers for decoding.
         rasa: optional RASA head applied to the patch tokens.
         skip_bad: exit 0 even when some files could not be read (they are still listed).
+        overwrite: delete shards made with other options (backbone, weights, size, dtype, split, ...) and redo all.
         seed: random seed (recorded; extraction itself is deterministic).
     """
     import torch
@@ -71,18 +141,32 @@ def features(data: Path, out: Path, backbone: str = "dinov2_vits14", weights: st
     from ..backbones import load_backbone
     from ..backbones.extract import backbone_record, extract_features
     from ..data.sources import ImageInput
+    from ..errors import UsageError, check_out_dir, check_positive
     from ..io import run_metadata
 
     torch.manual_seed(seed)
     store = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(dtype)
     if store is None:
-        raise ValueError(f"--dtype {dtype!r}: choose float32, float16 or bfloat16")
+        raise UsageError(f"--dtype {dtype!r}: choose float32, float16 or bfloat16", hint="e.g. --dtype float16")
+    check_positive(batch_size, "--batch_size")
+    check_positive(shard_size, "--shard_size")
+    if not Path(data).exists():
+        from ..errors import MissingFileError
+
+        raise MissingFileError(f"--data {data} does not exist", hint="pass an image folder, an image or a dataset root")
+    if rasa is not None and not Path(rasa).is_file():
+        from ..errors import MissingFileError
+
+        raise MissingFileError(f"--rasa {rasa} does not exist", hint="pass the head file written by `dinokit rasa fit`")
+    hw = _parse_size(size)
+    out = check_out_dir(out)
+    fp = _fingerprint(Path(data), backbone, weights, hw, size_policy, split, dtype, shard_size, rasa)
+    _check_stale(out, fp, overwrite)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
         if device.startswith("cuda"):
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    hw = _parse_size(size)
     bb = load_backbone(backbone, weights, size_policy=size_policy, device=device,
                        rasa=str(rasa) if rasa else None).eval()
     ds = ImageInput(Path(data), hw, split, min_side=bb.patch_size)
@@ -92,6 +176,7 @@ def features(data: Path, out: Path, backbone: str = "dinov2_vits14", weights: st
     meta = run_metadata(config, protocol="features", weights=bb.weights_info)
     meta["backbone"] = backbone_record(bb)
     meta.pop("host", None)
+    meta["fingerprint"] = fp
     summary = extract_features(bb, ds, Path(out), batch_size=batch_size, shard_size=shard_size, store_dtype=store,
                                num_workers=num_workers, meta=meta)
     rank, world = summary["rank"], summary["world_size"]

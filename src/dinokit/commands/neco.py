@@ -1,9 +1,8 @@
-"""``dinokit neco fit`` / ``dinokit neco export`` and the thin Lightning module ``NeCoModule``.
+"""``dinokit neco fit`` / ``dinokit neco export``.
 
-The maths is in :mod:`dinokit.methods.neco`; this module wires data, the Lightning ``Trainer`` (DDP, mixed
-precision, checkpoints), the AdamW groups with the cosine lr / weight-decay schedules, the EMA teacher and the
-non-finite-step policy. Lightning is imported lazily (``NeCoModule`` is built on first access) so that the CLI stays
-fast to start.
+The maths is in :mod:`dinokit.methods.neco` and the Lightning module in :mod:`dinokit.methods.neco.lightning`; this
+module wires data, the Lightning ``Trainer`` (DDP, mixed precision, checkpoints) and the export. The library is
+imported inside the commands so that the CLI stays fast to start.
 """
 
 from __future__ import annotations
@@ -20,129 +19,10 @@ log = logging.getLogger(__name__)
 group("neco", "NeCo dense post-training by patch-neighbour consistency, and its export")
 
 
-_MODULE_CLASS = None
-
-
-def _define_module():
-    import lightning as L
-
-    from ..methods.neco import NeCo, cosine_schedule, param_groups
-
-    class NeCoModule(L.LightningModule):
-        """Lightning wrapper of :class:`~dinokit.methods.neco.NeCo`.
-
-        Per optimiser step t (``steps_taken``: real steps so far): lr(t) cosine ``lr -> final_lr`` per group,
-        weight decay cosine ``weight_decay -> weight_decay_end`` on the decay groups, then the teacher EMA with the
-        pre-step student (``on_before_optimizer_step``: once per real step, never for skipped steps or
-        micro-batches). A non-finite loss on any rank skips the step on every rank (no backward, step, EMA or queue
-        push); 50 in a row stop the run with an error.
-        """
-
-        def __init__(self, neco: NeCo, lr_backbone: float = 1e-5, lr_head: float = 1e-4, final_lr: float = 0.0,
-                     weight_decay: float = 0.04, weight_decay_end: float = 0.5, total_steps: int = 1,
-                     max_consecutive_skips: int = 50, meta: dict | None = None):
-            super().__init__()
-            self.neco = neco
-            self.lr_backbone, self.lr_head, self.final_lr = lr_backbone, lr_head, final_lr
-            self.weight_decay, self.weight_decay_end = weight_decay, weight_decay_end
-            self.total_steps = max(1, int(total_steps))
-            self.max_consecutive_skips = max_consecutive_skips
-            self.meta = dict(meta or {})
-            self.skipped = 0
-            self.consecutive_skips = 0
-            self.last_finite_loss = float("nan")
-            self.last_momentum = float("nan")
-            self.inject_nan = False  # tests: force the next loss to NaN
-            self.steps_taken = 0  # optimiser steps actually taken (drives lr, weight decay and EMA)
-            self._finite = True
-
-        def configure_optimizers(self):
-            groups = param_groups(self.neco.student, self.neco.student_head, self.lr_backbone, self.lr_head,
-                                  self.weight_decay)
-            return torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8)
-
-        def _all_finite(self, loss: torch.Tensor) -> bool:
-            flag = torch.isfinite(loss.detach()).all().float().reshape(1)
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-            return bool(flag.item() > 0)
-
-        def training_step(self, batch: dict, batch_idx: int):
-            out = self.neco(batch)
-            loss = out["loss"]
-            if self.inject_nan:
-                loss = loss * float("nan")
-                self.inject_nan = False
-            self._finite = self._all_finite(loss)
-            if not self._finite:
-                self.skipped += 1
-                self.consecutive_skips += 1
-                lr = self.lr_at(self.steps_taken)
-                log.warning("neco: non-finite loss at step %d (lr %.3g, last finite loss %.6g): step skipped "
-                            "(%d skipped so far)", self.steps_taken, lr, self.last_finite_loss, self.skipped)
-                self.log("train/skipped_nonfinite", float(self.skipped), batch_size=batch["crops"][0].shape[0])
-                if self.consecutive_skips >= self.max_consecutive_skips:
-                    raise RuntimeError(f"neco: {self.consecutive_skips} consecutive non-finite losses; stopped at "
-                                       f"step {self.steps_taken} (lr {lr:.3g}, last finite loss "
-                                       f"{self.last_finite_loss:.6g}). Lower the learning rate or use bf16/fp32.")
-                return None
-            self.consecutive_skips = 0
-            self.neco.commit_queues(out)
-            self.last_finite_loss = float(loss.detach())
-            B = batch["crops"][0].shape[0]
-            self.log("train/loss", loss.detach(), prog_bar=True, batch_size=B, sync_dist=True)
-            self.log("train/fallback_rate", batch["n_fallback"].float().mean() / max(1, len(batch["crops"]) - 1),
-                     batch_size=B)
-            self.log("train/unsatisfied_rate", batch["n_unsatisfied"].float().mean(), batch_size=B)
-            return loss
-
-        def lr_at(self, t: int, base: float | None = None) -> float:
-            return cosine_schedule(t, self.total_steps, self.lr_backbone if base is None else base, self.final_lr)
-
-        def on_before_optimizer_step(self, optimizer) -> None:
-            # Lightning calls this hook (and an optimiser step without gradients) even when training_step returned
-            # None: a skipped step changes nothing here and is not counted
-            if not self._finite:
-                return
-            t = self.steps_taken
-            self.steps_taken += 1
-            wd = cosine_schedule(t, self.total_steps, self.weight_decay, self.weight_decay_end)
-            for g in optimizer.param_groups:
-                g["lr"] = self.lr_at(t, g["base_lr"])
-                if g.get("decay"):
-                    g["weight_decay"] = wd
-            self.last_momentum = self.neco.ema_step(t, self.total_steps)
-
-        def on_save_checkpoint(self, checkpoint: dict) -> None:
-            checkpoint["neco_meta"] = self.meta
-            checkpoint["neco_counters"] = {"steps_taken": self.steps_taken, "skipped": self.skipped,
-                                           "consecutive_skips": self.consecutive_skips,
-                                           "last_finite_loss": self.last_finite_loss}
-
-        def on_load_checkpoint(self, checkpoint: dict) -> None:
-            c = checkpoint.get("neco_counters", {})
-            self.skipped = c.get("skipped", 0)
-            self.steps_taken = c.get("steps_taken", 0)
-            self.consecutive_skips = c.get("consecutive_skips", 0)
-            self.last_finite_loss = c.get("last_finite_loss", float("nan"))
-
-    NeCoModule.__module__ = __name__
-    return NeCoModule
-
-
-def __getattr__(name: str):
-    global _MODULE_CLASS
-    if name == "NeCoModule":
-        if _MODULE_CLASS is None:
-            _MODULE_CLASS = _define_module()
-        return _MODULE_CLASS
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 # ------------------------------------------------------------------------------------------- data
 def build_dataset(data: str, views, seed: int, synthetic_images: int = 256, synthetic_size: int = 96):
     """``synthetic`` (in-memory synthetic scenes) or any path / ``key:path`` that ``open_dataset`` reads."""
-    from ..data.neco_views import NeCoDataset
+    from ..methods.neco import NeCoDataset
 
     if data == "synthetic":
         from ..data.synthetic import SyntheticScenes
@@ -193,7 +73,7 @@ def fit(out: Path = Path("runs/neco"), backbone: str = "dinov2_vits14", weights:
         momentum_start: float = 0.9995, momentum_end: float = 1.0, accelerator: str = "auto",
         devices: int | str = "auto", num_nodes: int = 1, strategy: str = "auto", precision: str | None = None,
         resume: Path | None = None, checkpoint_every: int = 0, seed: int = 400) -> int:
-    """NeCo dense post-training of a backbone (spec neco.md); writes checkpoints, the student export and a summary.
+    """NeCo dense post-training of a backbone (see docs/methods/neco.md): checkpoints, the student export, a summary.
 
     Args:
         out: run folder (checkpoints/, student.safetensors, fit.json).
@@ -253,13 +133,13 @@ def fit(out: Path = Path("runs/neco"), backbone: str = "dinov2_vits14", weights:
     import lightning as L
     from torch.utils.data import DataLoader
 
-    from ..data.neco_views import NeCoViews, neco_collate
     from ..io import atomic_write_text, run_metadata
-    from ..methods.neco import NeCoConfig
+    from ..methods.neco import NeCoConfig, NeCoViews, neco_collate
+    from ..methods.neco.lightning import NeCoModule
 
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()
               if k not in ("L", "DataLoader", "NeCoViews", "neco_collate", "atomic_write_text", "run_metadata",
-                           "NeCoConfig")}
+                           "NeCoConfig", "NeCoModule")}
     if lr_scaling not in ("none", "linear"):
         raise ValueError(f"lr_scaling={lr_scaling!r}; choose 'none' or 'linear'")
     if epochs < 1 or batch_size < 1:
@@ -300,85 +180,40 @@ def fit(out: Path = Path("runs/neco"), backbone: str = "dinov2_vits14", weights:
                         collate_fn=neco_collate, persistent_workers=num_workers > 0)
     meta = {"backbone": backbone, "weights": weights, "config": json.dumps(config, default=str),
             "model_kwargs": {}, "pos_interp": pos_interp, "size_policy": size_policy}
-    module = __getattr__("NeCoModule")(neco, lr_backbone * scale, lr_head * scale, final_lr, weight_decay,
-                                       weight_decay_end, total, meta=meta)
+    module = NeCoModule(neco, lr_backbone * scale, lr_head * scale, final_lr, weight_decay, weight_decay_end, total,
+                        meta=meta)
     trainer.fit(module, loader, ckpt_path=str(resume) if resume else None)
     if trainer.is_global_zero:
         export_path = out / "student.safetensors"
-        export_backbone(neco.student, export_path, config=config)
+        start_info = dict(bb.weights_info)  # the weights NeCo started from (fit.json)
+        bb.weights_info = {**start_info, "source": "neco"}  # the export records source=neco
+        _export(bb, export_path, "dinokit", config)
         summary = {"steps": module.steps_taken, "lightning_global_step": int(trainer.global_step),
                    "total_steps": total, "skipped_nonfinite": module.skipped,
                    "last_loss": module.last_finite_loss, "export": str(export_path),
-                   "meta": run_metadata(config, "neco/fit", bb.weights_info)}
+                   "meta": run_metadata(config, "neco/fit", start_info)}
         atomic_write_text(out / "fit.json", json.dumps(summary, indent=1, default=str))
         log.info("neco fit: %d steps, last loss %.5f, student exported to %s", module.steps_taken,
                  module.last_finite_loss, export_path)
     return 0
 
 
-def export_backbone(bb, path: Path, format: str = "dinokit", config: dict | None = None) -> Path:
-    """Write a backbone so that ``load_backbone(weights=path)`` rebuilds it (dinokit safetensors + metadata)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if hasattr(bb, "export"):
-        bb.export(path, format=format)
-        if format == "dinokit" and config is not None:  # add the NeCo provenance to the metadata
-            from safetensors import safe_open
-            from safetensors.torch import save_file
+def _export(bb, path: Path, format: str, config: dict) -> Path:
+    """``Backbone.export`` plus the NeCo run's config in the dinokit-format metadata (``neco_config``)."""
+    bb.export(path, format=format)
+    if format == "dinokit":
+        from safetensors import safe_open
+        from safetensors.torch import save_file
 
-            from ..io import atomic_path
+        from ..io import atomic_path
 
-            with safe_open(str(path), "pt") as f:
-                meta = dict(f.metadata() or {})
-                sd = {k: f.get_tensor(k) for k in f.keys()}
-            meta.update(source="neco", neco_config=json.dumps(config, default=str))
-            with atomic_path(path) as tmp:
-                save_file(sd, str(tmp), metadata=meta)
-        return path
-    if format != "dinokit":
-        raise ValueError(f"format={format!r} needs Backbone.export; only 'dinokit' is available here")
-    from safetensors.torch import save_file
-
-    from ..io import atomic_path
-
-    sd = {k: v.detach().cpu().contiguous().clone() for k, v in bb.model.state_dict().items()}
-    meta = {"dinokit_format": "1", "name": bb.name, "arch": bb.arch, "family": bb.family,
-            "patch_size": str(bb.patch_size), "num_registers": str(bb.num_registers), "pos_interp": bb.pos_interp,
-            "source": "neco", "neco_config": json.dumps(config or {}, default=str)}
-    with atomic_path(path) as tmp:
-        save_file(sd, str(tmp), metadata=meta)
+        with safe_open(str(path), "pt") as f:
+            meta = dict(f.metadata() or {})
+            sd = {k: f.get_tensor(k) for k in f.keys()}
+        meta["neco_config"] = json.dumps(config, default=str)
+        with atomic_path(path) as tmp:
+            save_file(sd, str(tmp), metadata=meta)
     return path
-
-
-def load_checkpoint_backbone(ckpt: Path, which: str = "student"):
-    """Rebuild the ``which`` backbone (and its head state) of a ``neco fit`` checkpoint."""
-    from ..backbones import load_backbone
-
-    if which not in ("student", "teacher"):
-        raise ValueError(f"which={which!r}; choose 'student' or 'teacher'")
-    ckpt = Path(ckpt)
-    if not ckpt.is_file():
-        raise FileNotFoundError(f"checkpoint {ckpt} does not exist; pass a .ckpt written by `dinokit neco fit` "
-                                "(runs/neco/checkpoints/last.ckpt)")
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
-    meta = state.get("neco_meta")
-    if meta is None or "state_dict" not in state:
-        raise ValueError(f"{ckpt} is not a `dinokit neco fit` checkpoint (no neco_meta / state_dict)")
-    sd = state["state_dict"]
-    prefix = f"neco.{which}."
-    bb_sd = {k[len(prefix) + len("model."):]: v for k, v in sd.items() if k.startswith(prefix + "model.")}
-    if not bb_sd:
-        raise ValueError(f"{ckpt} has no {which} weights (use_teacher false has no teacher)")
-    bb = load_backbone(meta["backbone"], weights="random", pos_interp=meta.get("pos_interp", "official"),
-                       size_policy=meta.get("size_policy", "error"), model_kwargs=meta.get("model_kwargs") or None)
-    missing, unexpected = bb.model.load_state_dict(bb_sd, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{ckpt}: {which} weights do not fit {meta['backbone']}: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
-    hp = f"neco.{which}_head."
-    head_sd = {k[len(hp):]: v for k, v in sd.items() if k.startswith(hp)}
-    bb.weights_info = {"source": "neco", "checkpoint": str(ckpt), "which": which}
-    return bb, head_sd, json.loads(meta.get("config", "{}"))
 
 
 @command("neco export")
@@ -394,8 +229,13 @@ def export(ckpt: Path, out: Path = Path("neco_student.safetensors"), which: str 
         with_head: also write the projection head to ``<out stem>.head.safetensors``.
         seed: unused (export is deterministic); kept for the common command interface.
     """
+    from ..methods.checkpoints import load_checkpoint_backbone
+
     bb, head_sd, config = load_checkpoint_backbone(ckpt, which)
-    export_backbone(bb, Path(out), format=format, config=config)
+    if bb.weights_info["source"] != "neco":
+        raise ValueError(f"{ckpt} is a `dinokit {bb.weights_info['source']} fit` checkpoint, not a NeCo one; pass a "
+                         ".ckpt written by `dinokit neco fit`")
+    _export(bb, Path(out), format, config)
     if with_head:
         from safetensors.torch import save_file
 

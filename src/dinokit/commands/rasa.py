@@ -1,4 +1,4 @@
-"""``dinokit rasa fit`` and ``dinokit rasa apply`` (spec ``shared/spec/rasa.md`` §7-§11).
+"""``dinokit rasa fit`` and ``dinokit rasa apply`` (spec docs/methods/rasa.md).
 
 Heavy imports (Lightning, torchvision, the backbone) happen inside the functions, so building the CLI stays fast.
 """
@@ -86,16 +86,16 @@ def fit(backbone: str = "dinov2_vitb14", weights: str = "pretrained", data: Path
 
     from ..backbones import load_backbone
     from ..io import atomic_write_text, run_metadata
-    from ..methods.rasa import stage_curve
-    from ..methods.rasa_train import (
+    from ..methods.rasa import (
         ImagesOnly,
         entropy_stage_metrics,
-        fit_rasa_backbone,
         overcluster_stage_metrics,
         rasa_train_transform,
         rasa_val_transform,
+        stage_curve,
         val_masks,
     )
+    from ..methods.rasa.lightning import fit_rasa_backbone
 
     if data is None and synthetic <= 0:
         raise ValueError("no training data: pass --data DATASET_ROOT_OR_FOLDER or --synthetic N")

@@ -55,15 +55,8 @@ def fit(data: str = "synthetic", out: Path = Path("runs/seg"), head: str = "line
 
     from ..data.sources import is_synthetic, open_source
     from ..io import atomic_write_text, run_metadata
-    from ..methods.seg_heads import (
-        HEADS,
-        Mapped,
-        SegEvalTransform,
-        SegmentationModule,
-        SegTrainTransform,
-        collate_eval,
-        collate_train,
-    )
+    from ..methods.seg_heads import HEADS, Mapped, SegEvalTransform, SegTrainTransform, collate_eval, collate_train
+    from ..methods.seg_heads.lightning import SegmentationModule
     from ..methods.training import trainer_kwargs
 
     if head not in HEADS:

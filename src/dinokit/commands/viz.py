@@ -10,11 +10,9 @@ from . import command, group
 group("viz", "Figures: effective receptive field, attention maps, cross-correlation matrix")
 
 
-def load_checkpoint_backbone(checkpoint: Path | None, backbone: str, weights: str, device: str = "cpu"):
-    """A Backbone from a Lightning checkpoint of ``dinokit bt fit`` / ``dinokit seg fit`` (its ``backbone.model.*``
-    weights and hyper-parameters), else ``load_backbone(backbone, weights)``."""
-    import torch
-
+def _backbone(checkpoint: Path | None, backbone: str, weights: str, device: str = "cpu"):
+    """The backbone to draw, in eval mode: the one trained in a dinokit Lightning checkpoint (.ckpt of ``neco fit``,
+    ``bt fit`` or ``seg fit``), a weights file, or else ``load_backbone(backbone, weights)``."""
     from ..backbones import load_backbone
 
     if checkpoint is None:
@@ -24,22 +22,9 @@ def load_checkpoint_backbone(checkpoint: Path | None, backbone: str, weights: st
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.suffix != ".ckpt":
         return load_backbone(backbone, weights=str(path), device=device).eval()
-    ck = torch.load(path, map_location="cpu", weights_only=False)
-    hp = ck.get("hyper_parameters", {})
-    name = hp.get("backbone", backbone)
-    sd: dict = {}
-    for prefix in ("model.backbone.model.", "backbone.model."):  # bt fit, seg fit
-        sd = {k[len(prefix):]: v for k, v in ck.get("state_dict", {}).items() if k.startswith(prefix)}
-        if sd:
-            break
-    if not sd:
-        raise ValueError(f"{path} holds no backbone weights (model.backbone.model.* or backbone.model.*); is it a "
-                         "dinokit bt/seg checkpoint?")
-    bb = load_backbone(name, weights="random", model_kwargs=hp.get("model_kwargs"))
-    missing, unexpected = bb.model.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{path}: backbone {name} missing keys {missing[:8]}, unexpected keys {unexpected[:8]}")
-    return bb.to(device).eval()
+    from ..methods.checkpoints import load_checkpoint_backbone
+
+    return load_checkpoint_backbone(path).backbone.to(device).eval()
 
 
 def _images(data: str, split: str, n: int, size: int, seed: int, mean, std, device: str):
@@ -68,7 +53,7 @@ def erf(out: Path = Path("runs/viz"), checkpoint: Path | None = None, backbone: 
 
     Args:
         out: output folder.
-        checkpoint: a dinokit bt/seg Lightning checkpoint (.ckpt) or a backbone weights file; else --weights is used.
+        checkpoint: a dinokit neco/bt/seg Lightning checkpoint (.ckpt) or a weights file; else --weights is used.
         backbone: backbone name (ignored when the .ckpt records one).
         weights: backbone weights without a checkpoint: pretrained, a tag, a file or random.
         data: "synthetic" or a dataset root / "key:path".
@@ -85,7 +70,7 @@ def erf(out: Path = Path("runs/viz"), checkpoint: Path | None = None, backbone: 
     from ..viz.erf import effective_receptive_field, plot_erf
 
     torch.manual_seed(seed)
-    bb = load_checkpoint_backbone(checkpoint, backbone, weights, device)
+    bb = _backbone(checkpoint, backbone, weights, device)
     x = _images(data, split, n_images, image_size, seed, bb.mean, bb.std, device)
     maps = effective_receptive_field(bb, x, layers)
     path = plot_erf(Path(out) / "erf.png", maps, log=log_scale, title=f"ERF of {bb.name}, {x.shape[0]} images")
@@ -105,7 +90,7 @@ def attention(out: Path = Path("runs/viz"), checkpoint: Path | None = None, back
 
     Args:
         out: output folder.
-        checkpoint: a dinokit bt/seg Lightning checkpoint (.ckpt) or a backbone weights file; else --weights is used.
+        checkpoint: a dinokit neco/bt/seg Lightning checkpoint (.ckpt) or a weights file; else --weights is used.
         backbone: backbone name (ignored when the .ckpt records one).
         weights: backbone weights without a checkpoint: pretrained, a tag, a file or random.
         data: "synthetic" or a dataset root / "key:path".
@@ -119,7 +104,7 @@ def attention(out: Path = Path("runs/viz"), checkpoint: Path | None = None, back
     """
     from ..viz.callbacks import attention_figure, crop_to_patches, head_attention
 
-    bb = load_checkpoint_backbone(checkpoint, backbone, weights, device)
+    bb = _backbone(checkpoint, backbone, weights, device)
     if not bb.is_vit:
         raise ValueError(f"{bb.name} has no attention (ViT backbones only)")
     x = crop_to_patches(_images(data, split, n_images, image_size, seed, bb.mean, bb.std, device), bb.patch_size)
@@ -157,7 +142,8 @@ def ccm(checkpoint: Path, out: Path = Path("runs/viz"), data: str = "synthetic",
 
     from ..data.sources import open_source
     from ..io import atomic_write_text
-    from ..methods.barlow_twins import BarlowTwinsModule, TwoViews, barlow_twins_views
+    from ..methods.barlow_twins import TwoViews, barlow_twins_views
+    from ..methods.barlow_twins.lightning import BarlowTwinsModule
     from ..viz.callbacks import ccm_figure, ccm_stats
 
     if batch_size < 2:

@@ -80,3 +80,99 @@ class ImageInput(Dataset):
                     "ok": False, "reason": str(err)}
 
 
+
+
+def _mask_dtype(num_classes: int, ignore_index: int) -> torch.dtype:
+    """uint8 when every label (and the ignore index) fits in [0, 255], else int16."""
+    return torch.uint8 if num_classes <= 256 and 0 <= ignore_index <= 255 else torch.int16
+
+
+def _torch_nearest(m: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(H, W) integer map -> ``size`` with ``F.interpolate(mode="nearest")`` (src = floor(dst·in/out))."""
+    if tuple(m.shape) == tuple(size):
+        return m
+    return torch.nn.functional.interpolate(m[None, None].double(), size=tuple(size), mode="nearest")[0, 0].long()
+
+
+class SegSplit(Dataset):
+    """A labelled split squashed to ``size`` x ``size``, one item at a time (for DataLoader workers).
+
+    Items: ``image`` uint8 (3, S, S) (antialiased bilinear), ``mask`` (S, S) nearest at pixel centres, then
+    torch-nearest resized to ``mask_size`` x ``mask_size`` when given (``mask_size="full"``: the original
+    (H, W) mask), stored as uint8 (int16 when labels exceed 255); ``id`` and ``index`` (position in the split).
+    ``mask_rule="torch"`` resizes the original mask to S with torch's nearest rule (floor(dst·in/out)) instead
+    of the pixel-centre rule (what upstream code that resizes label tensors does).
+    ``indices`` restricts the split (a subset, or this rank's shard). Nothing is cached: memory does not grow with N.
+    """
+
+    def __init__(self, dataset: BaseDataset, size: int, mask_size: int | str | None = None,
+                 indices: list[int] | None = None, need_masks: bool = True, data_name: str = "data",
+                 split: str = "split", mask_rule: str = "pixel_centre"):
+        from .transforms import SegTransform
+
+        if mask_rule not in ("pixel_centre", "torch"):
+            raise ValueError(f"mask_rule {mask_rule!r}: choose pixel_centre or torch")
+        self.mask_rule = mask_rule
+        self.dataset, self.size, self.mask_size, self.need_masks = dataset, int(size), mask_size, need_masks
+        self.indices = list(range(len(dataset))) if indices is None else list(indices)
+        self.tf = SegTransform(resize=(self.size, self.size))
+        self.key = getattr(dataset, "key", "dataset")
+        self.num_classes, self.ignore_index = int(dataset.num_classes), int(dataset.ignore_index)
+        self.class_names = tuple(getattr(dataset, "class_names", ())) or tuple(str(c) for c in range(self.num_classes))
+        self.mask_dtype = _mask_dtype(self.num_classes, self.ignore_index)
+        self._where = (data_name, split)
+        all_ids = list(getattr(dataset, "ids", []))
+        self.ids = [str(all_ids[i]) for i in self.indices] if len(all_ids) == len(dataset) else []
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, j: int) -> dict:
+        i = self.indices[j]
+        item = self.dataset[i]
+        out = {"id": str(item["id"]), "index": i}
+        if self.need_masks and item.get("mask") is None:
+            raise ValueError(f"{self._where[0]} split {self._where[1]!r} item {item['id']} has no mask; this "
+                             "evaluation needs labels")
+        t = self.tf(item)
+        out["image"] = torch.from_numpy(np.asarray(t["image"], np.uint8).copy()).permute(2, 0, 1)
+        if self.need_masks:
+            if self.mask_size == "full":
+                m = torch.from_numpy(np.asarray(item["mask"], np.int64))
+            else:
+                if self.mask_rule == "torch":
+                    m = _torch_nearest(torch.from_numpy(np.asarray(item["mask"], np.int64)), (self.size, self.size))
+                else:
+                    m = torch.from_numpy(np.asarray(t["mask"], np.int64))
+                if self.mask_size is not None:
+                    m = _torch_nearest(m, (int(self.mask_size), int(self.mask_size)))
+            out["mask"] = m.to(self.mask_dtype)
+        return out
+
+
+def collate_seg(items: list[dict]) -> dict:
+    """Stack images (B, 3, S, S); masks stacked when they share a shape, else a list; ids; index (B,)."""
+    out = {"image": torch.stack([it["image"] for it in items]), "id": [it["id"] for it in items],
+           "index": torch.tensor([it["index"] for it in items], dtype=torch.long)}
+    if "mask" in items[0]:
+        ms = [it["mask"] for it in items]
+        out["mask"] = torch.stack(ms) if len({tuple(m.shape) for m in ms}) == 1 else ms
+    return out
+
+
+def open_split(data: str | Path, split: str, size: int, *, batch_size: int = 32, num_workers: int = 0,
+               mask_size: int | str | None = None, indices: list[int] | None = None, need_masks: bool = True,
+               n_images: int | None = None, mask_rule: str = "pixel_centre") -> torch.utils.data.DataLoader:
+    """A DataLoader over :class:`SegSplit` of ``data``/``split`` (ordered, not shuffled); ``loader.dataset``
+    carries ``key``, ``num_classes``, ``ignore_index``, ``class_names`` and ``indices``. ``n_images`` keeps the
+    first n items (applied before ``indices``, which index into the split)."""
+    from torch.utils.data import DataLoader
+
+    ds = open_dataset(Path(data), split)
+    if len(ds) == 0:
+        raise ValueError(f"split {split!r} of {data} is empty; check --data and --split")
+    n = len(ds) if n_images is None else min(len(ds), n_images)
+    idx = [i for i in (indices if indices is not None else range(n)) if i < n]
+    sp = SegSplit(ds, size, mask_size, idx, need_masks, str(data), split, mask_rule)
+    return DataLoader(sp, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_seg,
+                      persistent_workers=False)

@@ -18,7 +18,8 @@ from ..data.synthetic import num_seg_classes
 from ..data.transforms import to_tensor_batch
 from ..eval.linear_seg import linear_probe
 from ..eval.overcluster import overcluster
-from ..methods.barlow_twins import BarlowTwins, TwoViews, barlow_twins_views, param_groups, warmup_cosine
+from ..methods.barlow_twins import BarlowTwins, TwoViews, barlow_twins_views, warmup_cosine
+from ..methods.training import param_groups
 from ..viz.callbacks import attention_figure, ccm_figure, ccm_stats, head_attention
 from .evaluation import extract
 from .foundation import demo_backbone, demo_scenes

@@ -12,6 +12,7 @@ def run(ctx) -> dict[str, float | int | str]:
     from ..data import crops as C
     from ..eval.boxes import corloc, miou_box
     from ..methods import classifier as K
+    from ..methods.classifier.lightning import fit_classifier
     from ..viz.figures import draw_box_overlays
     from .foundation import demo_backbone, demo_scenes
 
@@ -55,9 +56,9 @@ def run(ctx) -> dict[str, float | int | str]:
         torch.manual_seed(ctx.seed)
         model = K.build_classifier("resnet10t", 5, "random", dict(channels=(8, 16, 32, 64), stem_width=8))
         ds = K.CropDataset(tr_src, True, kw["mode"], size, boxes=kw.get("boxes", "gt"), canvas=ctx.image_size)
-        res, _ = K.fit_classifier(ds, K.CropDataset(va_src, False, "rrc", size), model,
-                                  K.RecipeConfig(lr=0.05, epochs=epochs, schedule="cosine", ema_every=2),
-                                  batch_size=16, density=dens if kw["mode"] == "density" else None, seed=ctx.seed)
+        res, _ = fit_classifier(ds, K.CropDataset(va_src, False, "rrc", size), model,
+                                K.RecipeConfig(lr=0.05, epochs=epochs, schedule="cosine", ema_every=2),
+                                batch_size=16, density=dens if kw["mode"] == "density" else None, seed=ctx.seed)
         m[f"classify/{name}/acc"] = res["val/acc"]
         m[f"classify/{name}/acc_ema"] = res["val/acc_ema"]
         table[f"{name}: val acc / EMA acc"] = f"{res['val/acc']:.3f} / {res['val/acc_ema']:.3f}"

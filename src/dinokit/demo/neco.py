@@ -13,11 +13,11 @@ import time
 import torch
 from torch.utils.data import DataLoader
 
-from ..data.neco_views import NeCoDataset, NeCoViews, neco_collate
 from ..data.synthetic import num_seg_classes
 from ..eval.hummingbird import hummingbird
 from ..eval.overcluster import overcluster
-from ..methods.neco import NeCo, NeCoConfig, cosine_schedule, param_groups
+from ..methods.neco import NeCo, NeCoConfig, NeCoDataset, NeCoViews, neco_collate, param_groups
+from ..methods.training import cosine_schedule
 from .evaluation import extract
 from .foundation import demo_backbone, demo_scenes
 

@@ -21,8 +21,8 @@ from ..backbones.extract import patch_features
 from ..data.synthetic import num_seg_classes
 from ..eval.linear_seg import linear_probe
 from ..eval.overcluster import overcluster
-from ..eval.position import position_probe
-from ..methods.rasa import chance_mse, fit_rasa_features, stage_curve
+from ..eval.position import chance_mse, position_probe
+from ..methods.rasa import fit_rasa_features, stage_curve
 from ..viz import pca_rgb, save_grid, upsample_map
 from .evaluation import extract
 from .foundation import demo_backbone, demo_scenes

@@ -1,4 +1,4 @@
-"""dinokit.eval: the dense evaluation suite (spec ``shared/spec/dense_eval.md``).
+"""dinokit.eval: the dense evaluation suite (spec docs/eval/index.md).
 
 Every evaluator takes patch features ``(B, h, w, D)`` (torch or numpy, CLS/registers removed) plus integer masks:
 

@@ -54,7 +54,7 @@ def check_labels(masks: list[torch.Tensor] | torch.Tensor, num_classes: int, ign
             where = "" if isinstance(masks, torch.Tensor) else f" (mask {i})"
             raise ValueError(f"mask labels {bad[:10].tolist()}{where} are outside the class set [0, {num_classes}) "
                              f"and are not the ignore index {ignore_index}; set num_classes / ignore_index to match "
-                             "the dataset (spec §2)")
+                             "the dataset (docs/eval/index.md)")
 
 
 def torch_nearest(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Box localisation metrics: IoU, asymmetric IoU (intersection / GT area), maIoU, CorLoc (spec §8).
+"""Box localisation metrics: IoU, asymmetric IoU (intersection / GT area), maIoU, CorLoc (docs/eval/boxes.md).
 
 Boxes are ``(x1, y1, x2, y2)`` float pixel coordinates, continuous and half-open; area = max(0, x2-x1)·max(0, y2-y1).
 Every pairwise function is vectorised, (N, 4) x (M, 4) -> (N, M), accepts torch or numpy (returns the same kind)

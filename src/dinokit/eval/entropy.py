@@ -1,4 +1,4 @@
-"""Spatial entropy of cluster assignments (dinokit's definition, version ``se1``; spec §7).
+"""Spatial entropy of cluster assignments (dinokit's definition, version ``se1``; docs/eval/entropy.md).
 
 For M images on one h x w grid (N = hw >= 2 positions) and cluster ids of every token:
 n_{k,x} = tokens of cluster k at position x, q_k(x) = n_{k,x} / n_k, Ĥ_k = -Σ_x q_k(x) ln q_k(x) / ln N.

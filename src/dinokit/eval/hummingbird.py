@@ -1,4 +1,4 @@
-"""Hummingbird dense nearest-neighbour retrieval (in-context segmentation), protocol ``hb2`` (spec §5).
+"""Hummingbird dense nearest-neighbour retrieval (in-context segmentation), protocol ``hb2`` (docs/eval/hummingbird.md).
 
 Memory: L2-normalised patch tokens of the train split (optionally E augmented passes) with soft cell labels
 (histogram of each cell's p x p pixel classes / p², ignore -> 0), bounded to M rows by class-frequency-aware
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ._inputs import MaskLike, as_features, as_masks, check_labels
-from .metrics import ConfusionMatrix, match_and_score
+from .metrics import ConfusionMatrix, match_and_score, rank_shard
 
 EMPTY_CELL_SCORE = 1e6
 
@@ -218,15 +218,6 @@ def soft_predict(queries: torch.Tensor, memory: MemoryBank, k: int = 30, beta: f
     mn = memory.features.float().norm(dim=1).clamp_min(1e-12).to(idx.device)[idx]
     a = torch.softmax(scores / qn / mn / beta, dim=1)
     return torch.einsum("qk,qkc->qc", a, memory.labels.to(a.device)[idx])
-
-
-def rank_shard(n: int) -> list[int]:
-    """Indices of the n items this rank evaluates (strided by rank; everything without a process group)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return list(range(dist.get_rank(), n, dist.get_world_size()))
-    return list(range(n))
 
 
 @dataclass

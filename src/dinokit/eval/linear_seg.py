@@ -1,4 +1,4 @@
-"""Linear segmentation probe on frozen patch features (spec §4).
+"""Linear segmentation probe on frozen patch features (docs/eval/linear.md).
 
 Bilinear upsampling is linear, so "upsample features, then 1x1 conv" equals "1x1 conv, then upsample logits";
 dinokit does the latter. Several learning rates are trained in one pass over the (cached) features, as DINOv2's
@@ -20,7 +20,6 @@ and loss for Trainer runs (GPU/DDP, or a frozen backbone in the loop with image 
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -84,7 +83,7 @@ def upsampled_prediction(logits: torch.Tensor, size: tuple[int, int]) -> torch.T
     return F.interpolate(logits, size=size, mode="bilinear", align_corners=False).argmax(1)
 
 
-def _optimiser(heads: StackedLinearHeads, protocol: str, lrs: Sequence[float], steps: int, epochs: int,
+def probe_optimiser(heads: StackedLinearHeads, protocol: str, lrs: Sequence[float], steps: int, epochs: int,
                steps_per_epoch: int, warmup: int):
     groups = [{"params": list(h.parameters()), "lr": lr} for h, lr in zip(heads.heads, lrs, strict=True)]
     if protocol == "fast100":
@@ -117,7 +116,7 @@ class LinearProbeResult:
 
 def _eval_heads(heads: StackedLinearHeads, feats: torch.Tensor, masks, num_classes: int, eval_size: int | None,
                 ignore_index: int | None, batch_size: int, device) -> list[ConfusionMatrix]:
-    from .hummingbird import rank_shard
+    from .metrics import rank_shard
 
     heads.eval()
     cms = [ConfusionMatrix(num_classes, num_classes, ignore_index) for _ in heads.heads]
@@ -185,7 +184,7 @@ def linear_probe(train_feats: torch.Tensor | np.ndarray, train_masks: MaskLike, 
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     heads = StackedLinearHeads(tr.shape[-1], num_classes, len(lrs), "bn" if full else "linear").to(device)
-    opt, sched = _optimiser(heads, protocol, lrs, total, epochs, steps_per_epoch, warmup)
+    opt, sched = probe_optimiser(heads, protocol, lrs, total, epochs, steps_per_epoch, warmup)
     tokens = [lr_token(lr) for lr in lrs]
     curves = {t: {"train_loss": [], "val_miou": []} for t in tokens}
     step = 0
@@ -258,60 +257,3 @@ def sliding_window_logits(feature_fn: Callable[[torch.Tensor], torch.Tensor], he
                 logits, size=tuple(win.shape[-2:]), mode="bilinear", align_corners=False)
             count[..., y0:y0 + win.shape[-2], x0:x0 + win.shape[-1]] += 1
     return out / count
-
-
-@functools.cache
-def _lightning_module_cls():
-    import lightning as L
-
-    class LinearSegModule(L.LightningModule):
-        """Thin Lightning wrapper: stacked linear heads + :func:`segmentation_loss`, SGD/StepLR (``fast100``) or
-        AdamW/warm-up/cosine (``full``). Batches are ``(feats (B, h, w, D), masks (B, H, W))``; with ``backbone``
-        given, batches are ``(images (B, 3, H, W), masks)`` and features come from the frozen backbone."""
-
-        def __init__(self, dim: int, num_classes: int, lrs: Sequence[float] = (0.01,), protocol: str = "fast100",
-                     ignore_index: int | None = 255, steps: int = 1000, epochs: int = 25, steps_per_epoch: int = 40,
-                     warmup: int = 1500, backbone: nn.Module | None = None):
-            super().__init__()
-            self.save_hyperparameters(ignore=["backbone"])
-            self.heads = StackedLinearHeads(dim, num_classes, len(lrs), "bn" if protocol == "full" else "linear")
-            self.backbone = backbone
-            if backbone is not None:
-                backbone.requires_grad_(False).eval()
-            self.automatic_optimization = False
-
-        def _features(self, x: torch.Tensor) -> torch.Tensor:
-            if self.backbone is None:
-                return x
-            with torch.no_grad():
-                return self.backbone.forward_features(x).patch.float()
-
-        def training_step(self, batch, batch_idx):
-            x, y = batch
-            f = self._features(x).permute(0, 3, 1, 2)
-            opt = self.optimizers()
-            sched = self.lr_schedulers()
-            opt.zero_grad()
-            total = 0.0
-            for li in range(len(self.hparams.lrs)):
-                loss = segmentation_loss(self.heads.head_logits(f, li), y.long(), self.hparams.ignore_index)
-                self.manual_backward(loss)
-                self.log(f"train/loss_{lr_token(self.hparams.lrs[li])}", loss, prog_bar=False)
-                total += float(loss.detach())
-            opt.step()
-            sched.step()
-            return torch.tensor(total)
-
-        def configure_optimizers(self):
-            hp = self.hparams
-            opt, sched = _optimiser(self.heads, hp.protocol, hp.lrs, hp.steps, hp.epochs, hp.steps_per_epoch,
-                                    hp.warmup)
-            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    return LinearSegModule
-
-
-def __getattr__(name: str):
-    if name == "LinearSegModule":  # Lightning is imported only when the module is asked for
-        return _lightning_module_cls()
-    raise AttributeError(name)

@@ -1,6 +1,6 @@
 """Streaming confusion matrix and segmentation scores with Hungarian / many-to-one / no matching.
 
-Spec: ``shared/spec/dense_eval.md`` §1. A :class:`ConfusionMatrix` accumulates
+Spec: docs/eval/index.md A :class:`ConfusionMatrix` accumulates
 ``C[g, p]`` (int64, ``num_gt x num_pred``) batch by batch, so full-resolution predictions are never stored.
 Matching maps predicted ids to ground-truth ids from ``C`` alone (exactly equivalent to remapping pixels) and
 :func:`segmentation_scores` turns the remapped matrix into IoU / mIoU / pixel accuracy.
@@ -99,6 +99,58 @@ class ConfusionMatrix:
                 class_names: Sequence[str] | None = None) -> dict[str, float]:
         """Match, remap and score; see :func:`segmentation_scores`. Returns a flat dict (``miou``, ...)."""
         return match_and_score(self.numpy(), matching=matching, absent=absent, score=score, class_names=class_names)
+
+
+def dist_rank_world() -> tuple[int, int]:
+    """(global rank, world size) of the initialised process group, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def rank_shard(n: int, rank: int | None = None, world: int | None = None) -> list[int]:
+    """Indices ``rank, rank + world, ...`` of ``range(n)`` this rank handles (global rank; default: the process
+    group's, everything without one). The union over ranks is ``range(n)``, each index exactly once."""
+    r0, w0 = dist_rank_world()
+    rank, world = (r0 if rank is None else rank), (w0 if world is None else world)
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is outside [0, {world})")
+    return list(range(rank, n, world))
+
+
+class SumReducer:
+    """Streaming sums of named tensors (sufficient statistics), all-reduced (SUM) over ranks once at the end.
+
+    ``add(name, x)`` accumulates ``x`` into ``sums[name]`` (fp64 for floats, int64 for integers) batch by batch;
+    ``all_reduce()`` sums every entry over the process group (no-op without one) in a fixed name order.
+    """
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+
+    def add(self, name: str, x: torch.Tensor) -> SumReducer:
+        x = torch.as_tensor(x)
+        x = x.double() if x.is_floating_point() else x.long()
+        if name in self.sums:
+            if self.sums[name].shape != x.shape:
+                raise ValueError(f"SumReducer {name!r}: shape {tuple(x.shape)} != {tuple(self.sums[name].shape)}")
+            self.sums[name] += x.to(self.sums[name].device)
+        else:
+            self.sums[name] = x.clone()
+        return self
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.sums[name]
+
+    def all_reduce(self, group=None) -> SumReducer:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            for name in sorted(self.sums):
+                dist.all_reduce(self.sums[name], op=dist.ReduceOp.SUM, group=group)
+        return self
 
 
 def iou_matrix(conf: np.ndarray) -> np.ndarray:

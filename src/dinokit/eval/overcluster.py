@@ -1,6 +1,6 @@
 """Overclustering (k-means segmentation) evaluation: standardise, PCA-50, k-means for several K and seeds.
 
-Spec: ``shared/spec/dense_eval.md`` §3. Only the evaluation split is clustered. Protocols:
+Spec: docs/eval/index.md Only the evaluation split is clustered. Protocols:
 
 - ``fast100`` (Leopart/NeCo): points are tokens; the token cluster map and the masks are torch-nearest resized to
   100x100; K = C uses Hungarian matching, other K many-to-one (precision).
@@ -251,3 +251,183 @@ def overcluster(feats: torch.Tensor | np.ndarray, masks: MaskLike, num_classes: 
         if match == "many_to_one":
             metrics[f"k{k}/bg_frac"] = float(np.mean([s["bg_frac"] for s in per_seed]))
     return OverclusterResult(metrics, maps, confs)
+
+
+def _all_reduce_moments(m: FeatureMoments) -> FeatureMoments:
+    """Moments of all ranks' points, re-centred on the global mean (every rank gets the same, also W = 1).
+
+    Raw sums about 0 (S = sum + n·shift, G = gram + shift·sumᵀ + sum·shiftᵀ + n·shift·shiftᵀ, fp64) are summed
+    over ranks, then re-expressed about the global mean; one process takes the same path, so W processes and one
+    agree to fp64 rounding."""
+    import torch.distributed as dist
+
+    shift = m.shift if m.shift is not None else torch.zeros(m.dim, dtype=torch.float64)
+    s0 = m.sum + m.n * shift
+    g0 = m.gram + torch.outer(shift, m.sum) + torch.outer(m.sum, shift) + m.n * torch.outer(shift, shift)
+    n = torch.tensor([float(m.n)], dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        for t in (s0, g0, n):
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    out = FeatureMoments(m.dim, m.chunk_dtype)
+    out.n = int(n.item())
+    if out.n == 0:
+        return out
+    mu = s0 / out.n
+    out.shift, out.sum = mu, torch.zeros_like(mu)
+    out.gram = g0 - out.n * torch.outer(mu, mu)
+    return out
+
+
+class _AppendFile:
+    """Rows of a fixed dtype appended to a raw file; read back with ``np.memmap`` (nothing kept in RAM)."""
+
+    def __init__(self, path, dtype):
+        from pathlib import Path
+
+        self.path, self.dtype, self.count = Path(path), np.dtype(dtype), 0
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.path, "wb")  # noqa: SIM115 (closed in view())
+
+    def append(self, a: np.ndarray) -> None:
+        a = np.ascontiguousarray(a, dtype=self.dtype)
+        self._fh.write(a.tobytes())
+        self.count += a.size
+
+    def view(self) -> np.ndarray:
+        if not self._fh.closed:
+            self._fh.close()
+        if self.count == 0:
+            return np.zeros(0, self.dtype)
+        return np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.count,))
+
+
+class OverclusterStream:
+    """Streaming overclustering: ``add`` one batch of features and masks at a time, ``compute`` at the end.
+
+    Per batch the (B, h, w, D) tokens go to a raw fp32 file under ``workdir`` and into the fp64 moment
+    accumulator; masks go to a second file (their dtype, any (H_i, W_i)). ``compute`` all-reduces the moments
+    (DDP), fits the standardised PCA, projects every token (chunks read from disk) into a memmap of ``pca_dim``
+    points, gathers the points and masks of all ranks once (in dataset order) and runs k-means + matching on
+    rank 0. RAM holds one batch plus the projected points that k-means needs (N·h·w·pca_dim fp32).
+    ``protocol="fast100"`` resizes masks to ``eval_size``² (torch nearest) as they arrive.
+    """
+
+    def __init__(self, workdir, num_classes: int, protocol: str = "fast100", ignore_index: int | None = 255,
+                 eval_size: int = 100, pca_dim: int = 50, std_eps: float = 0.0):
+        from pathlib import Path
+
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"unknown overcluster protocol {protocol!r}; choose one of {PROTOCOLS}")
+        self.workdir = Path(workdir)
+        self.num_classes, self.protocol, self.ignore_index = num_classes, protocol, ignore_index
+        self.eval_size, self.pca_dim, self.std_eps = eval_size, pca_dim, std_eps
+        self.moments: FeatureMoments | None = None
+        self.grid: tuple[int, int] | None = None
+        self.index: list[int] = []
+        self.mask_shapes: list[tuple[int, int]] = []
+        self._feats: _AppendFile | None = None
+        self._masks: _AppendFile | None = None
+
+    def add(self, feats: torch.Tensor, masks: MaskLike, index: Sequence[int]) -> None:
+        """feats (B, h, w, D); masks (B, H, W) or B maps (H_i, W_i), integer; index (B,) dataset positions."""
+        f = as_features(feats)
+        b, h, w, d = f.shape
+        m = as_masks(masks, b)
+        items = list(m) if isinstance(m, torch.Tensor) else m
+        if self.protocol == "fast100":
+            items = [torch_nearest(x, (self.eval_size, self.eval_size)) for x in items]
+        check_labels(items, self.num_classes, self.ignore_index)
+        if self.moments is None:
+            self.moments, self.grid = FeatureMoments(d), (h, w)
+            self._feats = _AppendFile(self.workdir / "tokens.f32", np.float32)
+            self._masks = _AppendFile(self.workdir / "masks.i32", np.int32)
+        if (h, w) != self.grid:
+            raise ValueError(f"feature grid {(h, w)} differs from the first batch's {self.grid}; use one --size")
+        self.moments.update(f.reshape(-1, d))
+        self._feats.append(f.numpy())
+        for x in items:
+            self._masks.append(x.numpy())
+            self.mask_shapes.append(tuple(x.shape[-2:]))
+        self.index += [int(i) for i in index]
+
+    def _project(self, pca: PCAProjection, chunk: int = 65536) -> np.ndarray:
+        n_tok = len(self.index) * self.grid[0] * self.grid[1] if self.grid else 0
+        out = np.lib.format.open_memmap(self.workdir / "points.npy", mode="w+", dtype=np.float32,
+                                        shape=(n_tok, pca.components.shape[1]))
+        if n_tok:
+            d = self.moments.dim
+            src = self._feats.view().reshape(n_tok, d)
+            for i in range(0, n_tok, chunk):
+                out[i:i + chunk] = pca(torch.from_numpy(np.asarray(src[i:i + chunk]))).numpy()
+            out.flush()
+        return out
+
+    def _gathered(self, points: np.ndarray) -> tuple[np.ndarray, list[np.ndarray], np.ndarray] | None:
+        """(points (N·h·w, d), masks in dataset order, index order) on rank 0 (None elsewhere)."""
+        import torch.distributed as dist
+
+        mflat = self._masks.view() if self._masks is not None else np.zeros(0, np.int32)
+        offs = np.cumsum([0] + [a * b for a, b in self.mask_shapes])
+        masks = [np.asarray(mflat[offs[j]:offs[j + 1]]).reshape(s) for j, s in enumerate(self.mask_shapes)]
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            order = np.argsort(np.asarray(self.index), kind="stable")
+            tok = self.grid[0] * self.grid[1]
+            pts = np.asarray(points).reshape(len(self.index), tok, -1)[order].reshape(-1, points.shape[1])
+            return pts, [masks[j] for j in order], np.asarray(self.index)[order]
+        parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object((self.index, np.asarray(points), masks), parts, dst=0)
+        if dist.get_rank() != 0:
+            return None
+        index = [i for p in parts for i in p[0]]
+        all_masks = [x for p in parts for x in p[2]]
+        tok = self.grid[0] * self.grid[1]
+        pts = np.concatenate([p[1].reshape(len(p[0]), tok, -1) for p in parts if len(p[0])])
+        order = np.argsort(np.asarray(index), kind="stable")
+        return pts[order].reshape(-1, pts.shape[-1]), [all_masks[j] for j in order], np.asarray(index)[order]
+
+    def compute(self, ks: Sequence[int] | None = None, seeds: Sequence[int] = (0, 1, 2, 3, 4), niter: int = 100,
+                nredo: int = 5, backend: str = "faiss", absent: str = "zero", matching: str | None = None,
+                n_maps: int = 8) -> OverclusterResult | None:
+        """k-means for every K and seed; :class:`OverclusterResult` on rank 0 (``cluster_maps`` of the first
+        ``n_maps`` images), None on the other ranks. Every rank must call it (collectives)."""
+        if self.moments is None:  # this rank saw no image: contribute empty statistics
+            raise ValueError("overclustering got no images (empty split or shard); evaluate more images")
+        moments = _all_reduce_moments(self.moments)
+        pca = fit_standardised_pca(moments, self.pca_dim, self.std_eps)
+        got = self._gathered(self._project(pca))
+        if got is None:
+            return None
+        points, masks, _ = got
+        h, w = self.grid
+        b = len(masks)
+        n_tokens = b * h * w
+        if ks is None:
+            ks = [k for k in (self.num_classes, 100, 300, 500) if k <= n_tokens]
+        too_big = [k for k in ks if k > n_tokens]
+        if too_big:
+            raise ValueError(f"K={too_big} exceeds the number of tokens ({b} images x {h}x{w} = {n_tokens}); "
+                             "lower K or evaluate more images")
+        metrics: dict[str, float] = {}
+        maps: dict[int, np.ndarray] = {}
+        confs: dict[int, np.ndarray] = {}
+        for k in ks:
+            match = matching or ("hungarian" if k == self.num_classes else "many_to_one")
+            per_seed = []
+            for si, seed in enumerate(seeds):
+                labels, _ = kmeans(points, k, niter=niter, nredo=nredo, seed=seed, backend=backend)
+                cmap = torch.from_numpy(labels).view(b, h, w)
+                cm = ConfusionMatrix(self.num_classes, k, self.ignore_index)
+                for j in range(b):
+                    mj = torch.from_numpy(masks[j].astype(np.int64))
+                    cm.update(mj, torch_nearest(cmap[j], tuple(mj.shape)))
+                s = match_and_score(cm.numpy(), matching=match, absent=absent)
+                per_seed.append(s)
+                metrics[f"k{k}/s{seed}/miou"] = s["miou"]
+                if si == 0:
+                    maps[k], confs[k] = cmap[:n_maps].numpy(), cm.numpy()
+            metrics[f"k{k}/miou"] = float(np.mean([s["miou"] for s in per_seed]))
+            metrics[f"k{k}/miou_std"] = float(np.std([s["miou"] for s in per_seed]))
+            metrics[f"k{k}/pixel_acc"] = float(np.mean([s["pixel_acc"] for s in per_seed]))
+            if match == "many_to_one":
+                metrics[f"k{k}/bg_frac"] = float(np.mean([s["bg_frac"] for s in per_seed]))
+        return OverclusterResult(metrics, maps, confs)

@@ -1,6 +1,6 @@
 """Position-prediction probe: how much absolute (row, col) position is linearly decodable from patch features.
 
-Spec: ``shared/spec/dense_eval.md`` §6 and ``rasa.md`` §6. Targets of an h x w grid are (i/(h-1), j/(w-1)) in
+Spec: docs/eval/index.md and ``rasa.md`` §6. Targets of an h x w grid are (i/(h-1), j/(w-1)) in
 [0, 1]²; the chance MSE (best constant 0.5) is the target variance
 ``0.5·[(h+1)/(12(h-1)) + (w+1)/(12(w-1))]``; R² = 1 - MSE / chance.
 

@@ -1,6 +1,6 @@
 """RepAlignLoss: a perceptual loss from a frozen teacher's intermediate activations.
 
-Spec: ``shared/spec/repalign.md`` (upstream: BurguerJohn/RepAlignLoss, MIT; formulas only, no code copied).
+Spec: docs/methods/repalign.md (upstream: BurguerJohn/RepAlignLoss, MIT; formulas only, no code copied).
 
 ``loss = RepAlignLoss(teacher, normalize)``; ``loss(output, target)`` runs ``teacher(normalize(target))`` under
 ``no_grad`` and ``teacher(normalize(output))`` with grad, hooks the selected modules and compares the activations of

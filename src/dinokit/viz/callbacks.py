@@ -2,10 +2,11 @@
 
 The drawing functions (``attention_figure``, ``ccm_figure``, ``overlay_masks``, ``unnormalize``, ``ccm_stats``) are
 plain functions; the Lightning callbacks (``AttentionMapCallback``, ``ERFCallback``, ``CrossCorrelationCallback``) are
-built lazily so that importing this module never imports Lightning. Every callback runs every ``every_n_epochs``
-on validation batch 0 (never during the sanity check) on rank 0, puts the model in eval mode for the figure and
-restores its mode, writes ``<log_dir>/figures/<name>/epoch_<e:04d>.png`` atomically and sends it to the active
-logger's image API when there is one (TensorBoard ``add_image``, W&B ``log_image``, MLflow ``log_artifact``).
+plain classes (this module imports Lightning; ``dinokit.viz`` does not import it). Every callback runs every
+``every_n_epochs`` on validation batch 0 (never during the sanity check) on rank 0, puts the model in eval mode for
+the figure and restores its mode, writes ``<log_dir>/figures/<name>/epoch_<e:04d>.png`` atomically and sends it to
+the active logger's image API when there is one (TensorBoard ``add_image``, W&B ``log_image``, MLflow
+``log_artifact``).
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import lightning.pytorch as pl
 import numpy as np
 import torch
 
 from .erf import effective_receptive_field, plot_erf
-from .maps import mass_threshold_mask, save_figure
+from .figures import save_figure
+from .maps import mass_threshold_mask
 
 # a fixed, deterministic palette (matplotlib tab10) for per-head masks
 PALETTE: tuple[tuple[float, float, float], ...] = (
@@ -177,186 +180,170 @@ def _backbone(pl_module):
 
 
 # ------------------------------------------------------------------------------------------ Lightning callbacks
-def _make_callbacks() -> dict[str, type]:
-    import lightning.pytorch as pl
+class _FigureCallback(pl.Callback):
+    """Shared plumbing: the epoch rule, the figure path and the publication to the loggers."""
 
-    class _FigureCallback(pl.Callback):
-        name = "figure"
+    name = "figure"
 
-        def __init__(self, every_n_epochs: int = 1, out_dir: str | Path | None = None):
-            if every_n_epochs < 1:
-                raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
-            self.every_n_epochs, self.out_dir = every_n_epochs, None if out_dir is None else Path(out_dir)
-            self.paths: list[Path] = []
+    def __init__(self, every_n_epochs: int = 1, out_dir: str | Path | None = None):
+        if every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
+        self.every_n_epochs, self.out_dir = every_n_epochs, None if out_dir is None else Path(out_dir)
+        self.paths: list[Path] = []
 
-        def _due(self, trainer) -> bool:
-            return not trainer.sanity_checking and trainer.current_epoch % self.every_n_epochs == 0
+    def _due(self, trainer) -> bool:
+        return not trainer.sanity_checking and trainer.current_epoch % self.every_n_epochs == 0
 
-        def _path(self, trainer, name: str | None = None) -> Path:
-            root = self.out_dir if self.out_dir is not None else Path(trainer.log_dir or trainer.default_root_dir)
-            if self.out_dir is None:
-                root = root / "figures"
-            return root / (name or self.name) / f"epoch_{trainer.current_epoch:04d}.png"
+    def _path(self, trainer, name: str | None = None) -> Path:
+        root = self.out_dir if self.out_dir is not None else Path(trainer.log_dir or trainer.default_root_dir)
+        if self.out_dir is None:
+            root = root / "figures"
+        return root / (name or self.name) / f"epoch_{trainer.current_epoch:04d}.png"
 
-        def _publish(self, trainer, path: Path, tag: str | None = None) -> None:
-            self.paths.append(path)
-            log_image(trainer, tag or self.name, path, trainer.global_step)
-
-    class AttentionMapCallback(_FigureCallback):
-        """Last-block CLS attention per head and mass-threshold (tau) masks of the first ``n_images`` images of
-        validation batch 0 (view 1 for Barlow Twins)."""
-
-        name = "attention"
-
-        def __init__(self, n_images: int = 6, tau: float = 0.6, block: int = -1, show_mean: bool = True,
-                     every_n_epochs: int = 1, out_dir: str | Path | None = None):
-            super().__init__(every_n_epochs, out_dir)
-            self.n_images, self.tau, self.block, self.show_mean = n_images, tau, block, show_mean
-
-        def setup(self, trainer, pl_module, stage: str) -> None:
-            bb = _backbone(pl_module)
-            if not hasattr(bb, "attention") or not getattr(bb, "is_vit", False):
-                raise ValueError(f"AttentionMapCallback: backbone {getattr(bb, 'name', type(bb).__name__)} has no "
-                                 "attention API (ViT backbones only); remove the callback for this model")
-
-        def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-            if batch_idx != 0 or not self._due(trainer) or not trainer.is_global_zero:
-                return
-            bb = _backbone(pl_module)
-            x = crop_to_patches(batch_images(batch)[: self.n_images], bb.patch_size)
-            was = pl_module.training
-            pl_module.eval()
-            try:
-                attn = head_attention(bb, x, self.block)
-            finally:
-                pl_module.train(was)
-            path = attention_figure(self._path(trainer), x, attn, bb.mean, bb.std, bb.patch_size, self.tau,
-                                    self.show_mean, title=f"epoch {trainer.current_epoch}")
-            self._publish(trainer, path)
-
-    class ERFCallback(_FigureCallback):
-        """Effective receptive fields of ``layers`` (fnmatch patterns; default: see ``default_erf_layers``),
-        the exact mean over the first ``n_images`` images of the first ``batches`` validation batches."""
-
-        name = "erf"
-
-        def __init__(self, layers: Sequence[str] | None = None, n_images: int = 16, batches: int = 1,
-                     log_scale: bool = False, every_n_epochs: int = 1, out_dir: str | Path | None = None):
-            super().__init__(every_n_epochs, out_dir)
-            self.layers, self.n_images, self.batches, self.log_scale = layers, n_images, batches, log_scale
-            self._sum: dict[str, torch.Tensor] = {}
-            self._count = 0
-
-        def on_validation_epoch_start(self, trainer, pl_module):
-            self._sum, self._count = {}, 0
-
-        def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-            if batch_idx >= self.batches or not self._due(trainer) or not trainer.is_global_zero:
-                return
-            bb = _backbone(pl_module)
-            x = batch_images(batch)[: self.n_images]
-            if getattr(bb, "is_vit", False):
-                x = crop_to_patches(x, bb.patch_size)
-            was = pl_module.training
-            pl_module.eval()
-            try:
-                maps = effective_receptive_field(bb, x, self.layers, reduce="sum")
-            finally:
-                pl_module.train(was)
-            for k, v in maps.items():
-                self._sum[k] = self._sum[k] + v if k in self._sum else v
-            self._count += x.shape[0]
-
-        def on_validation_epoch_end(self, trainer, pl_module):
-            if not self._count or not trainer.is_global_zero:
-                return
-            maps = {k: v / self._count for k, v in self._sum.items()}
-            path = plot_erf(self._path(trainer), maps, log=self.log_scale,
-                            title=f"ERF, epoch {trainer.current_epoch}, {self._count} images")
-            self._publish(trainer, path)
-
-    class CrossCorrelationCallback(_FigureCallback):
-        """Exact epoch mean of the loss's ``last_c`` (fp32, on the device), for train and for validation, drawn as
-        ``cc_matrix/train`` and ``cc_matrix/val`` with scalars ``cc_matrix/<stage>/{mean_diag,...}``."""
-
-        name = "cc_matrix"
-
-        def __init__(self, max_dims: int = 256, attr: str = "criterion", every_n_epochs: int = 1,
-                     out_dir: str | Path | None = None):
-            super().__init__(every_n_epochs, out_dir)
-            self.max_dims, self.attr = max_dims, attr
-            self.sums: dict[str, torch.Tensor | None] = {"train": None, "val": None}
-            self.counts = {"train": 0, "val": 0}
-            self.means: dict[str, torch.Tensor] = {}
-
-        def _criterion(self, pl_module):
-            crit = getattr(pl_module, self.attr, None)
-            if crit is None or not hasattr(crit, "last_c"):
-                raise ValueError(f"CrossCorrelationCallback: {type(pl_module).__name__}.{self.attr} has no last_c; "
-                                 "use it with a Barlow Twins module (or set attr=)")
-            return crit
-
-        def setup(self, trainer, pl_module, stage: str) -> None:
-            self._criterion(pl_module)
-
-        def _reset(self, stage: str) -> None:
-            self.sums[stage], self.counts[stage] = None, 0
-
-        def _add(self, stage: str, pl_module) -> None:
-            c = self._criterion(pl_module).last_c
-            if c is None:
-                return
-            c = c.float()
-            self.sums[stage] = c.clone() if self.sums[stage] is None else self.sums[stage].add_(c)
-            self.counts[stage] += 1
-
-        def _draw(self, stage: str, trainer, pl_module) -> None:
-            if not self.counts[stage] or not self._due(trainer):
-                return
-            mean = self.sums[stage] / self.counts[stage]
-            self.means[stage] = mean
-            for k, v in ccm_stats(mean).items():
-                pl_module.log(f"cc_matrix/{stage}/{k}", v)
-            if trainer.is_global_zero:
-                path = self._path(trainer, f"cc_matrix_{stage}")
-                ccm_figure(path, mean, self.max_dims, f"C ({stage}, epoch {trainer.current_epoch}, "
-                                                      f"mean of {self.counts[stage]} steps)")
-                self._publish(trainer, path, f"cc_matrix/{stage}")
-
-        def on_train_epoch_start(self, trainer, pl_module):
-            self._reset("train")
-
-        def on_validation_epoch_start(self, trainer, pl_module):
-            self._reset("val")
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            self._add("train", pl_module)
-
-        def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-            if not trainer.sanity_checking:
-                self._add("val", pl_module)
-
-        def on_train_epoch_end(self, trainer, pl_module):
-            self._draw("train", trainer, pl_module)
-
-        def on_validation_epoch_end(self, trainer, pl_module):
-            if not trainer.sanity_checking:
-                self._draw("val", trainer, pl_module)
-
-    out = {"AttentionMapCallback": AttentionMapCallback, "ERFCallback": ERFCallback,
-           "CrossCorrelationCallback": CrossCorrelationCallback}
-    for name, cls in out.items():
-        cls.__module__, cls.__qualname__ = __name__, name
-    return out
+    def _publish(self, trainer, path: Path, tag: str | None = None) -> None:
+        self.paths.append(path)
+        log_image(trainer, tag or self.name, path, trainer.global_step)
 
 
-_LAZY: dict[str, type] = {}
+class AttentionMapCallback(_FigureCallback):
+    """Last-block CLS attention per head and mass-threshold (tau) masks of the first ``n_images`` images of
+    validation batch 0 (view 1 for Barlow Twins)."""
+
+    name = "attention"
+
+    def __init__(self, n_images: int = 6, tau: float = 0.6, block: int = -1, show_mean: bool = True,
+                 every_n_epochs: int = 1, out_dir: str | Path | None = None):
+        super().__init__(every_n_epochs, out_dir)
+        self.n_images, self.tau, self.block, self.show_mean = n_images, tau, block, show_mean
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        bb = _backbone(pl_module)
+        if not hasattr(bb, "attention") or not getattr(bb, "is_vit", False):
+            raise ValueError(f"AttentionMapCallback: backbone {getattr(bb, 'name', type(bb).__name__)} has no "
+                             "attention API (ViT backbones only); remove the callback for this model")
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if batch_idx != 0 or not self._due(trainer) or not trainer.is_global_zero:
+            return
+        bb = _backbone(pl_module)
+        x = crop_to_patches(batch_images(batch)[: self.n_images], bb.patch_size)
+        was = pl_module.training
+        pl_module.eval()
+        try:
+            attn = head_attention(bb, x, self.block)
+        finally:
+            pl_module.train(was)
+        path = attention_figure(self._path(trainer), x, attn, bb.mean, bb.std, bb.patch_size, self.tau,
+                                self.show_mean, title=f"epoch {trainer.current_epoch}")
+        self._publish(trainer, path)
 
 
-def __getattr__(name: str):
-    """The Lightning callbacks are built on first access (importing this module never imports Lightning)."""
-    if name in ("AttentionMapCallback", "ERFCallback", "CrossCorrelationCallback"):
-        if not _LAZY:
-            _LAZY.update(_make_callbacks())
-        return _LAZY[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+class ERFCallback(_FigureCallback):
+    """Effective receptive fields of ``layers`` (fnmatch patterns; default: see ``default_erf_layers``),
+    the exact mean over the first ``n_images`` images of the first ``batches`` validation batches."""
+
+    name = "erf"
+
+    def __init__(self, layers: Sequence[str] | None = None, n_images: int = 16, batches: int = 1,
+                 log_scale: bool = False, every_n_epochs: int = 1, out_dir: str | Path | None = None):
+        super().__init__(every_n_epochs, out_dir)
+        self.layers, self.n_images, self.batches, self.log_scale = layers, n_images, batches, log_scale
+        self._sum: dict[str, torch.Tensor] = {}
+        self._count = 0
+
+    def on_validation_epoch_start(self, trainer, pl_module):
+        self._sum, self._count = {}, 0
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if batch_idx >= self.batches or not self._due(trainer) or not trainer.is_global_zero:
+            return
+        bb = _backbone(pl_module)
+        x = batch_images(batch)[: self.n_images]
+        if getattr(bb, "is_vit", False):
+            x = crop_to_patches(x, bb.patch_size)
+        was = pl_module.training
+        pl_module.eval()
+        try:
+            maps = effective_receptive_field(bb, x, self.layers, reduce="sum")
+        finally:
+            pl_module.train(was)
+        for k, v in maps.items():
+            self._sum[k] = self._sum[k] + v if k in self._sum else v
+        self._count += x.shape[0]
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if not self._count or not trainer.is_global_zero:
+            return
+        maps = {k: v / self._count for k, v in self._sum.items()}
+        path = plot_erf(self._path(trainer), maps, log=self.log_scale,
+                        title=f"ERF, epoch {trainer.current_epoch}, {self._count} images")
+        self._publish(trainer, path)
+
+
+class CrossCorrelationCallback(_FigureCallback):
+    """Exact epoch mean of the loss's ``last_c`` (fp32, on the device), for train and for validation, drawn as
+    ``cc_matrix/train`` and ``cc_matrix/val`` with scalars ``cc_matrix/<stage>/{mean_diag,...}``."""
+
+    name = "cc_matrix"
+
+    def __init__(self, max_dims: int = 256, attr: str = "criterion", every_n_epochs: int = 1,
+                 out_dir: str | Path | None = None):
+        super().__init__(every_n_epochs, out_dir)
+        self.max_dims, self.attr = max_dims, attr
+        self.sums: dict[str, torch.Tensor | None] = {"train": None, "val": None}
+        self.counts = {"train": 0, "val": 0}
+        self.means: dict[str, torch.Tensor] = {}
+
+    def _criterion(self, pl_module):
+        crit = getattr(pl_module, self.attr, None)
+        if crit is None or not hasattr(crit, "last_c"):
+            raise ValueError(f"CrossCorrelationCallback: {type(pl_module).__name__}.{self.attr} has no last_c; "
+                             "use it with a Barlow Twins module (or set attr=)")
+        return crit
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self._criterion(pl_module)
+
+    def _reset(self, stage: str) -> None:
+        self.sums[stage], self.counts[stage] = None, 0
+
+    def _add(self, stage: str, pl_module) -> None:
+        c = self._criterion(pl_module).last_c
+        if c is None:
+            return
+        c = c.float()
+        self.sums[stage] = c.clone() if self.sums[stage] is None else self.sums[stage].add_(c)
+        self.counts[stage] += 1
+
+    def _draw(self, stage: str, trainer, pl_module) -> None:
+        if not self.counts[stage] or not self._due(trainer):
+            return
+        mean = self.sums[stage] / self.counts[stage]
+        self.means[stage] = mean
+        for k, v in ccm_stats(mean).items():
+            pl_module.log(f"cc_matrix/{stage}/{k}", v)
+        if trainer.is_global_zero:
+            path = self._path(trainer, f"cc_matrix_{stage}")
+            ccm_figure(path, mean, self.max_dims, f"C ({stage}, epoch {trainer.current_epoch}, "
+                                                  f"mean of {self.counts[stage]} steps)")
+            self._publish(trainer, path, f"cc_matrix/{stage}")
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self._reset("train")
+
+    def on_validation_epoch_start(self, trainer, pl_module):
+        self._reset("val")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._add("train", pl_module)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if not trainer.sanity_checking:
+            self._add("val", pl_module)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self._draw("train", trainer, pl_module)
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self._draw("val", trainer, pl_module)

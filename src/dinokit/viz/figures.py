@@ -144,3 +144,23 @@ def draw_box_overlays(path: Path, images: list, ids: list[str], pred: dict, gts:
     fig.suptitle("pseudo-box (red, dashed) vs ground truth (green)", fontsize=8)
     fig.tight_layout()
     save_figure(fig, path, dpi=100)
+
+
+def save_rasa_stage_curve(path: str | Path, stages: Sequence[int], mse: Sequence[float], chance: Sequence[float],
+                          committed: Sequence[bool], title: str = "RASA") -> Path:
+    """RASA's per-stage curve: validation MSE of each stage's fresh position probe vs the chance level; stages whose
+    probe was not committed (the stopping or audit probe) are marked with a red x."""
+    plt = pyplot()
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot(stages, mse, "o-", label="fresh probe val MSE")
+    ax.plot(stages, chance, "k--", label="chance")
+    for t, m, c in zip(stages, mse, committed):
+        if not c:
+            ax.plot([t], [m], "rx", ms=9)
+    ax.set_xlabel("stage t (probe on x^(t-1); x = not committed)")
+    ax.set_ylabel("position MSE")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, path, dpi=110)

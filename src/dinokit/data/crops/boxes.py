@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -311,37 +311,86 @@ def _id_key(k: str) -> tuple:
 
 def write_box_json(path: str | Path, boxes: dict[str, Sequence[float]], meta: dict | None = None) -> Path:
     """Write ``{"<id>": [x, y, w, h]}`` (integers, ids sorted numerically) atomically, and ``<name>.meta.json``."""
+    from ...errors import BoxError, strict_json
+
     path = Path(path)
+    for k, b in boxes.items():
+        if not all(math.isfinite(float(v)) for v in b):
+            raise BoxError(f"box {list(b)} of image {k!r} is not finite; nothing was written to {path}",
+                           hint="this is a bug in the box source: report it with the image")
     payload = {str(k): [int(v) for v in boxes[k]] for k in sorted(boxes, key=_id_key)}
-    atomic_write_text(path, json.dumps(payload, indent=0))
+    atomic_write_text(path, json.dumps(payload, indent=0, allow_nan=False))
     if meta is not None:
-        atomic_write_text(path.with_suffix(".meta.json"), json.dumps(meta, indent=1, default=str))
+        atomic_write_text(path.with_suffix(".meta.json"), strict_json(meta))
     return path
 
 
-def read_box_json(path: str | Path, expected_ids: Sequence[str] | None = None,
-                  allow_extra: bool = False) -> dict[str, list[float]]:
-    """Read a pseudo-box JSON; with ``expected_ids``, missing (or, unless ``allow_extra``, extra) ids raise."""
+def read_box_json(path: str | Path, expected_ids: Sequence[str] | None = None, allow_extra: bool = False,
+                  sizes: Mapping[str, tuple[int, int]] | None = None, clip: bool = False) -> dict[str, list[float]]:
+    """Read a pseudo-box JSON; with ``expected_ids``, missing (or, unless ``allow_extra``, extra) ids raise.
+
+    With ``sizes`` ({id: (H, W)}), every box of those ids is validated against its image
+    (:func:`~dinokit.data.crops.localized.validate_box`): an out-of-image, zero-size, negative or non-finite box raises
+    a ``BoxError`` naming the image id and the box; ``clip=True`` clips boxes to the image instead.
+    """
+    from ...errors import BoxError, DataError, MissingFileError
+    from .localized import validate_box
+
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(), parse_constant=_reject_constant(path))
     except FileNotFoundError as err:
-        raise FileNotFoundError(f"box file {path} does not exist; create it with `dinokit boxes`") from err
+        raise MissingFileError(f"box file {path} does not exist; create it with `dinokit boxes`") from err
     except json.JSONDecodeError as err:
-        raise ValueError(f"box file {path} is not valid JSON: {err}") from err
+        raise DataError(f"box file {path} is not valid JSON: {err}", hint="regenerate it with `dinokit boxes`") from err
     if not isinstance(data, dict):
-        raise ValueError(f"box file {path} must map image ids to [x, y, w, h], got {type(data).__name__}")
+        raise DataError(f"box file {path} must map image ids to [x, y, w, h], got {type(data).__name__}")
     for k, v in data.items():
-        if not (isinstance(v, list | tuple) and len(v) == 4):
-            raise ValueError(f"box file {path}: entry {k!r} is {v!r}, expected [x, y, w, h]")
+        if not (isinstance(v, list | tuple) and len(v) == 4) or \
+                not all(isinstance(c, int | float) and not isinstance(c, bool) for c in v):
+            raise BoxError(f"box file {path}: entry {k!r} is {v!r}, expected [x, y, w, h] numbers",
+                           hint="write every box as [x, y, w, h] in image pixels")
     if expected_ids is not None:
         exp = {str(i) for i in expected_ids}
+        data = _apply_aliases(path, data, exp)
         missing = sorted(exp - data.keys(), key=_id_key)
         extra = sorted(data.keys() - exp, key=_id_key)
         if missing:
-            raise ValueError(f"box file {path} lacks {len(missing)} image(s) of the dataset (first: {missing[:5]}); "
-                             "regenerate it with `dinokit boxes` on this dataset, or use missing_box='rrc'")
+            raise DataError(f"box file {path} lacks {len(missing)} image(s) of the dataset (first: {missing[:5]})",
+                            hint="regenerate it with `dinokit boxes` on this dataset and split (`dinokit classify "
+                                 "fit` also accepts --missing_box rrc: RandomResizedCrop where a box is missing)")
         if extra and not allow_extra:
-            raise ValueError(f"box file {path} has {len(extra)} id(s) not in the dataset (first: {extra[:5]}): "
-                             "it was made for another dataset or split")
-    return {str(k): [float(x) for x in v] for k, v in data.items()}
+            raise DataError(f"box file {path} has {len(extra)} id(s) not in the dataset (first: {extra[:5]}): "
+                            "it was made for another dataset or split", hint="regenerate it with `dinokit boxes`")
+    out = {str(k): [float(x) for x in v] for k, v in data.items()}
+    if sizes is not None:
+        for k, hw in sizes.items():
+            if str(k) in out:
+                try:
+                    out[str(k)] = validate_box(out[str(k)], hw, k, clip=clip)
+                except BoxError as err:
+                    raise BoxError(f"box file {path}: {err}", hint=err.hint) from err
+    return out
+
+
+def _apply_aliases(path: Path, data: dict, expected: set[str]) -> dict:
+    """Re-key ``data`` to the expected id scheme through the ``id_aliases`` ({numeric CUB id: dataset id}) that
+    ``dinokit boxes`` records in ``<name>.meta.json``; unchanged when the keys already match or there is no alias."""
+    if not data.keys() - expected:
+        return data
+    side = path.with_suffix(".meta.json")
+    try:
+        aliases = json.loads(side.read_text()).get("id_aliases") or {}
+    except (OSError, ValueError, AttributeError):
+        return data
+    both = {**aliases, **{v: k for k, v in aliases.items()}}
+    return {(k if k in expected else both.get(k, k)): v for k, v in data.items()}
+
+
+def _reject_constant(path: Path):
+    def reject(name: str):
+        from ...errors import BoxError
+
+        raise BoxError(f"box file {path} holds a bare {name} token, which is not valid JSON (a NaN or infinite box)",
+                       hint="regenerate it with `dinokit boxes`, or fix the boxes by hand")
+    return reject

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...io import atomic_path
+from ...io import atomic_path, dinokit_version
 from .boxes import BoxConfig, as_uint8_chw, box_filter, image_hw, prepare_input, score_map, to_float
 
 PLACEMENTS = ("restrict", "shift")
@@ -338,15 +338,6 @@ class DensityCacheMeta:
     outlier: bool
     autocontrast: bool = False
     dinokit_version: str = field(default_factory=lambda: dinokit_version())
-
-
-def dinokit_version() -> str:
-    try:
-        import importlib.metadata as md
-
-        return md.version("dinokit")
-    except Exception:  # noqa: BLE001 - not installed as a distribution
-        return "unknown"
 
 
 @torch.no_grad()

@@ -30,24 +30,37 @@ def thr_from_maiou(m: float) -> float:
     return float((2 * (m - 0.5)) ** 2.5)
 
 
-def validate_box(box: Sequence[float], image_size: tuple[int, int], image_id: object = None) -> list[float]:
+def validate_box(box: Sequence[float], image_size: tuple[int, int], image_id: object = None,
+                 clip: bool = False) -> list[float]:
     """Check ``[x, y, w, h]`` against an (H, W) image: a box exceeding the image by <= 1 px is clipped; w <= 0, h <= 0,
-    negative coordinates or a larger excess raise a ValueError naming the image."""
+    negative coordinates or a larger excess raise a :class:`~dinokit.errors.BoxError` naming the image and the box.
+    ``clip=True`` (``--clip_boxes``) clips any finite box to the image instead; a box with no area left inside the
+    image, or a non-finite one, still raises."""
+    from ...errors import BoxError
+
     H, W = image_size
     name = f"image {image_id!r}" if image_id is not None else "the image"
+    fix = "fix the box file, or pass --clip_boxes to clip boxes to the image"
     try:
         x, y, w, h = (float(v) for v in box)
     except (TypeError, ValueError) as err:
-        raise ValueError(f"box {box!r} of {name} is not [x, y, w, h]") from err
+        raise BoxError(f"box {box!r} of {name} is not [x, y, w, h]", hint="write boxes as [x, y, w, h]") from err
     if not all(math.isfinite(v) for v in (x, y, w, h)):
-        raise ValueError(f"box {[x, y, w, h]} of {name} has non-finite values")
+        raise BoxError(f"box {[x, y, w, h]} of {name} has non-finite values", hint="fix the box file")
+    if clip:
+        x0, y0 = min(max(x, 0.0), W), min(max(y, 0.0), H)
+        x1, y1 = min(max(x + w, 0.0), W), min(max(y + h, 0.0), H)
+        if x1 - x0 <= 0 or y1 - y0 <= 0:
+            raise BoxError(f"box {[x, y, w, h]} of {name} ({W}x{H}) has no area inside the image, even clipped",
+                           hint="fix the box file")
+        return [x0, y0, x1 - x0, y1 - y0]
     if w <= 0 or h <= 0:
-        raise ValueError(f"box {[x, y, w, h]} of {name} ({W}x{H}) has zero or negative size; fix the box file")
+        raise BoxError(f"box {[x, y, w, h]} of {name} ({W}x{H}) has zero or negative size", hint=fix)
     if x < 0 or y < 0:
-        raise ValueError(f"box {[x, y, w, h]} of {name} ({W}x{H}) has negative coordinates; fix the box file")
+        raise BoxError(f"box {[x, y, w, h]} of {name} ({W}x{H}) has negative coordinates", hint=fix)
     if x + w > W + 1 or y + h > H + 1 or x >= W or y >= H:
-        raise ValueError(f"box {[x, y, w, h]} of {name} lies outside the {W}x{H} image by more than 1 px: boxes "
-                         "must be in original-image pixels (was the image resized?)")
+        raise BoxError(f"box {[x, y, w, h]} of {name} lies outside the {W}x{H} image by more than 1 px: boxes "
+                       "must be in original-image pixels (was the image resized?)", hint=fix)
     return [x, y, min(w, W - x), min(h, H - y)]
 
 

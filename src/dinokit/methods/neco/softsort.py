@@ -5,7 +5,7 @@ and ``P`` (M, n, n) the soft permutation, ``P[m, i, r]`` = share of input ``i`` 
 
 Unlike ``diffsort`` (dense products with 0/1 selection matrices, O(n^3) per row and every intermediate matrix kept
 for autograd), each layer here updates only the two wires (values and columns of the running matrix) of its
-comparators through strided views, and the backward is analytic (spec ``neco.md`` §5). Per row and layer it saves
+comparators through strided views, and the backward is analytic (see docs/methods/neco.md). Per row and layer it saves
 O(n) numbers: the relaxation weight alpha and the difference ``a - b`` of the compared values. The running matrix is
 kept only at ``ceil(sqrt(L))``-layer checkpoints and recomputed segment by segment in the backward pass (the X path
 is linear for fixed alphas), so memory is O(n^2 sqrt(L)) per row instead of O(n^2 L).

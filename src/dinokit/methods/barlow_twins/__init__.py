@@ -1,8 +1,9 @@
-"""Barlow Twins for ViTs (and ResNets): loss, projector, two-view augmentations, global-batch DDP, training.
+"""Barlow Twins for ViTs (and ResNets): loss, projector, two-view augmentations, global-batch DDP. Pure torch.
 
-Pure-torch core first (``BarlowTwinsLoss``, ``Projector``, ``BarlowTwins``, ``gather_batch``,
-``GatheredBatchNorm``, ``LARS``, ``warmup_cosine``); the Lightning module ``BarlowTwinsModule`` at the end
-imports Lightning lazily. Spec: ``shared/spec/barlow_vit.md`` §1.
+``BarlowTwinsLoss``, ``Projector``, ``BarlowTwins``, ``gather_batch``, ``GatheredBatchNorm``, ``TwoViews`` and the
+views; the optimiser pieces (``LARS``, the warm-up + cosine schedule, parameter groups) live in
+:mod:`dinokit.methods.training`, the Lightning module in :mod:`dinokit.methods.barlow_twins.lightning`.
+See docs/methods/barlow_twins.md.
 """
 
 from __future__ import annotations
@@ -14,6 +15,13 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..training import LARS, cosine_schedule
+from ..training import param_groups as _param_groups
+
+__all__ = ["LARS", "BarlowTwins", "BarlowTwinsLoss", "GatheredBatchNorm", "Projector", "TwoViews", "barlow_twins_views",
+           "convert_batchnorm", "cross_correlation", "gather_batch", "off_diagonal", "param_groups",
+           "parse_projector_dims", "standardize", "warmup_cosine"]
 
 PROJECTOR_PRESETS: dict[str, str] = {"official": "8192-8192-8192", "small": "512-512-512"}
 NORMS = ("batchnorm", "unbiased")
@@ -251,63 +259,18 @@ class BarlowTwins(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------- optimisation
-class LARS(torch.optim.Optimizer):
-    """LARS of the official Barlow Twins recipe: g' = g + wd p, q = eta |p| / |g'| (1 if a norm is 0),
-    mu <- momentum mu + q g', p <- p - lr mu. Groups with ``lars_exclude=True`` skip decay and adaptation."""
-
-    def __init__(self, params, lr: float, weight_decay: float = 1e-6, momentum: float = 0.9, eta: float = 0.001):
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta,
-                                      lars_exclude=False))
-
-    @torch.no_grad()
-    def step(self, closure: Callable | None = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for g in self.param_groups:
-            for p in g["params"]:
-                if p.grad is None:
-                    continue
-                dp = p.grad
-                if not g["lars_exclude"]:
-                    dp = dp.add(p, alpha=g["weight_decay"])
-                    pn, un = torch.norm(p), torch.norm(dp)
-                    one = torch.ones_like(pn)
-                    q = torch.where(pn > 0, torch.where(un > 0, g["eta"] * pn / un, one), one)
-                    dp = dp.mul(q)
-                state = self.state[p]
-                if "mu" not in state:
-                    state["mu"] = torch.zeros_like(p)
-                mu = state["mu"]
-                mu.mul_(g["momentum"]).add_(dp)
-                p.add_(mu, alpha=-g["lr"])
-        return loss
-
-
 def warmup_cosine(step: int, total: int, warmup: int, final: float = 0.001) -> float:
-    """LR multiplier: linear warm-up from 0 over ``warmup`` steps, then base*(q + final*(1 - q)) with
-    q = (1 + cos(pi (t - T_w) / (T - T_w))) / 2; never restarts (clamped at the end)."""
-    if warmup > 0 and step < warmup:
-        return step / warmup
-    span = max(1, total - warmup)
-    t = min(max(step - warmup, 0), span)
-    q = 0.5 * (1.0 + math.cos(math.pi * t / span))
-    return q + final * (1.0 - q)
+    """The Barlow Twins lr multiplier: linear warm-up from 0 over ``warmup`` steps, then
+    q + final (1 - q) with q = (1 + cos(pi (t - T_w) / (T - T_w))) / 2; never restarts (clamped at the end).
+    The Barlow Twins setting of :func:`dinokit.methods.training.cosine_schedule`."""
+    return cosine_schedule(step, total, 1.0, final, warmup)
 
 
 def param_groups(module: nn.Module, weight_decay: float, lr: float | None = None,
                  bias_lr: float | None = None) -> list[dict]:
-    """Two groups: weights (decayed) and ndim <= 1 parameters (no decay, excluded from LARS adaptation)."""
-    decay = [p for p in module.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in module.parameters() if p.requires_grad and p.ndim <= 1]
-    g1: dict = {"params": decay, "weight_decay": weight_decay}
-    g2: dict = {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True}
-    if lr is not None:
-        g1["lr"] = lr
-    if bias_lr is not None:
-        g2["lr"] = bias_lr
-    return [g for g in (g1, g2) if g["params"]]
+    """Two groups: weights (decayed) and ndim <= 1 parameters (no decay, excluded from LARS adaptation).
+    The Barlow Twins setting of :func:`dinokit.methods.training.param_groups`."""
+    return _param_groups(module, weight_decay, lr, no_decay_lr=bias_lr)
 
 
 # ---------------------------------------------------------------------------------------------- augmentations
@@ -358,103 +321,3 @@ class TwoViews:
         item = self.dataset[i]
         img = item["image"] if isinstance(item, dict) else getattr(item, "image", item)
         return self.t1(img), self.t2(img)
-
-
-# ---------------------------------------------------------------------------------------------- Lightning
-def _make_lightning_module():
-    import lightning.pytorch as pl
-
-    class BarlowTwinsModule(pl.LightningModule):
-        """Lightning wrapper: batches are (view1, view2); AdamW (or LARS), warm-up + cosine stepped per optimiser
-        step, the loss logged as ``train/loss`` / ``val/loss``. ``weights`` goes to ``load_backbone`` (a dino_*
-        name with ``"pretrained"`` starts from DINO weights; ``"random"``; or a file).
-
-        Args mirror :func:`dinokit.methods.barlow_twins_commands.fit`.
-        """
-
-        def __init__(self, backbone: str = "demo_vit", weights: str = "random", projector: str = "small",
-                     pool: str = "cls", lambd: float = 0.0051, norm: str = "batchnorm", eps: float = 1e-5,
-                     optimizer: str = "adamw", lr: float = 3e-4, lr_scaling: str = "none", weight_decay: float = 1e-5,
-                     betas: tuple[float, float] = (0.9, 0.999), warmup_epochs: float = 10, batch_size: int = 256,
-                     model_kwargs: dict | None = None):
-            super().__init__()
-            if optimizer not in ("adamw", "lars"):
-                raise ValueError(f"optimizer={optimizer!r}; choose 'adamw' or 'lars'")
-            if lr_scaling not in ("none", "linear"):
-                raise ValueError(f"lr_scaling={lr_scaling!r}; choose 'none' or 'linear'")
-            self.save_hyperparameters()
-            from ..backbones import load_backbone
-
-            bb = load_backbone(backbone, weights=weights, model_kwargs=model_kwargs)
-            self.model = BarlowTwins(bb, projector, pool, lambd, norm, eps)
-
-        @property
-        def backbone(self):
-            """The dinokit Backbone being trained (``model.backbone``; stored once in the checkpoint)."""
-            return self.model.backbone
-
-        @property
-        def criterion(self) -> BarlowTwinsLoss:
-            return self.model.criterion
-
-        def on_load_checkpoint(self, checkpoint: dict) -> None:
-            # early dinokit checkpoints stored the backbone twice (backbone.* and model.backbone.*)
-            sd = checkpoint.get("state_dict", {})
-            if any(k.startswith("model.backbone.") for k in sd):
-                for k in [k for k in sd if k.startswith("backbone.")]:
-                    del sd[k]
-
-        def setup(self, stage: str) -> None:
-            # before the optimisers and the DDP wrapper exist: make every BatchNorm global-batch on non-CUDA DDP
-            # (CUDA DDP: Trainer(sync_batchnorm=True) converts to nn.SyncBatchNorm)
-            trainer = self.trainer
-            if trainer.world_size > 1 and trainer.strategy.root_device.type != "cuda":
-                self.model.projector = convert_batchnorm(self.model.projector, "cpu")
-                self.model.backbone = convert_batchnorm(self.model.backbone, "cpu")
-
-        def _step(self, batch, stage: str) -> torch.Tensor:
-            x1, x2 = batch[0], batch[1]
-            loss = self.model(x1, x2)
-            n = x1.shape[0]
-            self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=n)
-            self.log(f"{stage}/on_diag", self.criterion.last_terms["on_diag"], batch_size=n)
-            self.log(f"{stage}/off_diag", self.criterion.last_terms["off_diag"], batch_size=n)
-            self.log(f"{stage}/rank_bound", self.criterion.rank_bound, batch_size=n)
-            return loss
-
-        def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-            return self._step(batch, "train")
-
-        def validation_step(self, batch, batch_idx: int) -> torch.Tensor:
-            return self._step(batch, "val")
-
-        def configure_optimizers(self):
-            hp = self.hparams
-            B = hp.batch_size * max(1, self.trainer.world_size if self._trainer is not None else 1)
-            if hp.optimizer == "lars":
-                opt = LARS(param_groups(self.model, hp.weight_decay, lr=0.2 * B / 256, bias_lr=0.0048 * B / 256),
-                           lr=0.2 * B / 256, weight_decay=hp.weight_decay)
-            else:
-                lr = hp.lr * (B / 256 if hp.lr_scaling == "linear" else 1.0)
-                opt = torch.optim.AdamW(param_groups(self.model, hp.weight_decay), lr=lr, betas=tuple(hp.betas))
-            total = int(self.trainer.estimated_stepping_batches)
-            per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
-            warm = int(round(hp.warmup_epochs * per_epoch))
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, total, warm))
-            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    BarlowTwinsModule.__module__ = __name__
-    BarlowTwinsModule.__qualname__ = "BarlowTwinsModule"
-    return BarlowTwinsModule
-
-
-_LAZY: dict[str, object] = {}
-
-
-def __getattr__(name: str):
-    """``BarlowTwinsModule`` is built on first access, so importing the core never imports Lightning."""
-    if name == "BarlowTwinsModule":
-        if name not in _LAZY:
-            _LAZY[name] = _make_lightning_module()
-        return _LAZY[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""NeCo multi-crop views with overlap boxes (spec ``neco.md`` §1).
+"""NeCo multi-crop views with overlap boxes (see docs/methods/neco.md).
 
 ``NeCoViews(image)`` draws 2 global + N local crops with torchvision ``RandomResizedCrop.get_params`` (torch global
 RNG), each constrained to overlap every global crop drawn before it by more than ``t = floor(min_intersection * W *

@@ -7,8 +7,8 @@ RecvisProject variant), ``aspp`` (DeepLabV3 head from torchvision's ``ASPP``). E
 
 Losses: ``ce`` (ignore 255), ``dice`` (present classes), ``ce+dice``. Evaluation: the VOC protocol ``orig``
 (ignore 255, logits upsampled to the original resolution) and ``recvis224`` (void -> background, 224^2), both
-streamed into :class:`dinokit.eval.metrics.ConfusionMatrix`. The Lightning module ``SegmentationModule`` is built
-lazily (importing this module does not import Lightning). Spec: ``shared/spec/barlow_vit.md`` §3.
+streamed into :class:`dinokit.eval.metrics.ConfusionMatrix`. Pure torch; the Lightning module ``SegmentationModule``
+is in :mod:`dinokit.methods.seg_heads.lightning`. See docs/methods/barlow_twins.md (segmentation heads).
 """
 
 from __future__ import annotations
@@ -271,7 +271,7 @@ def update_confusion(cm, logits: torch.Tensor, mask: torch.Tensor, protocol: str
 
 def new_confusion(num_classes: int, protocol: str = "orig"):
     """The dense-eval ``ConfusionMatrix``: ignore 255 for ``orig``, no ignore for ``recvis224``."""
-    from ..eval.metrics import ConfusionMatrix
+    from ...eval.metrics import ConfusionMatrix
 
     return ConfusionMatrix(num_classes, num_classes, ignore_index=255 if protocol == "orig" else None)
 
@@ -360,114 +360,3 @@ def collate_eval(items: list) -> dict:
 
 def collate_train(items: list) -> dict:
     return {"image": torch.stack([it[0] for it in items]), "mask": torch.stack([it[1] for it in items])}
-
-
-class SyntheticSegmentation(torch.utils.data.Dataset):
-    """The synthetic benchmark in the dataset item format (``image`` uint8 HWC, ``mask`` int64, ``id``)."""
-
-    def __init__(self, n: int, size: tuple[int, int], seed: int, fine_grained: bool = False):
-        from ..data.synthetic import SyntheticScenes
-
-        self.scenes = SyntheticScenes(n, size, seed, fine_grained)
-
-    def __len__(self) -> int:
-        return len(self.scenes)
-
-    def __getitem__(self, i: int) -> dict:
-        s = self.scenes[i]
-        return {"image": s.image, "mask": s.mask.astype(np.int64), "id": s.image_id}
-
-
-# ------------------------------------------------------------------------------------------ Lightning
-def _make_lightning_module():
-    import lightning.pytorch as pl
-
-    from .barlow_twins import warmup_cosine
-
-    class SegmentationModule(pl.LightningModule):
-        """Backbone (frozen by default; fine-tuned at 0.1x the head lr with ``freeze_backbone=False``) + head.
-
-        Batches: ``{"image": (B, 3, H, W), "mask": (B, H, W)}``; validation masks at the protocol's resolution
-        (``orig``: original; lists allowed). Logs ``train/loss`` and ``val/miou`` (the dense-eval confusion matrix
-        over the whole val set, all-reduced under DDP).
-        """
-
-        def __init__(self, backbone: str = "demo_vit", weights: str = "random", head: str = "linear",
-                     num_classes: int = 21, freeze_backbone: bool = True, loss: str = "ce", lr: float = 5e-3,
-                     weight_decay: float = 0.01, warmup_epochs: float = 5, batch_size: int = 32,
-                     protocol: str = "orig", recvis_size: int = 224, head_kwargs: dict | None = None,
-                     model_kwargs: dict | None = None):
-            super().__init__()
-            if protocol not in PROTOCOLS:
-                raise ValueError(f"protocol={protocol!r}; choose one of {PROTOCOLS}")
-            if loss not in LOSSES:
-                raise ValueError(f"loss={loss!r}; choose one of {LOSSES}")
-            self.save_hyperparameters()
-            from ..backbones import load_backbone
-
-            self.backbone = load_backbone(backbone, weights=weights, model_kwargs=model_kwargs)
-            if not self.backbone.is_vit:
-                raise ValueError(f"segmentation heads take ViT patch tokens; {backbone} is not a ViT")
-            self.head = build_head(head, self.backbone.embed_dim, num_classes, self.backbone.patch_size,
-                                   **(head_kwargs or {}))
-            if freeze_backbone:
-                self.backbone.requires_grad_(False)
-            self.cm = None
-
-        def forward(self, x: torch.Tensor, out_size: tuple[int, int] | None = None) -> torch.Tensor:
-            if self.hparams.freeze_backbone:
-                self.backbone.eval()
-                with torch.no_grad():
-                    f = self.backbone.forward_features(x)
-            else:
-                f = self.backbone.forward_features(x)
-            return self.head(f, out_size=out_size)
-
-        def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-            x, y = batch["image"], batch["mask"]
-            loss = segmentation_loss(self(x), y, self.hparams.loss)
-            self.log("train/loss", loss, prog_bar=True, batch_size=x.shape[0])
-            return loss
-
-        def on_validation_epoch_start(self) -> None:
-            self.cm = new_confusion(self.hparams.num_classes, self.hparams.protocol)
-
-        def validation_step(self, batch, batch_idx: int) -> None:
-            imgs, masks = batch["image"], batch["mask"]
-            for i in range(len(imgs)):
-                logits = self(imgs[i][None])
-                update_confusion(self.cm, logits, masks[i].cpu(), self.hparams.protocol, self.hparams.recvis_size)
-
-        def on_validation_epoch_end(self) -> None:
-            self.cm.all_reduce()
-            self.log("val/miou", protocol_miou(self.cm, self.hparams.protocol), prog_bar=True, sync_dist=False)
-
-        def configure_optimizers(self):
-            hp = self.hparams
-            groups = [{"params": [p for p in self.head.parameters() if p.requires_grad], "lr": hp.lr}]
-            if not hp.freeze_backbone:
-                groups.append({"params": [p for p in self.backbone.parameters() if p.requires_grad],
-                               "lr": 0.1 * hp.lr})
-            opt = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
-            total = int(self.trainer.estimated_stepping_batches)
-            per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
-            warm = int(round(hp.warmup_epochs * per_epoch))
-            final = min(1.0, 0.1 * hp.batch_size * max(1, self.trainer.world_size) / 256)
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, total, warm, final))
-            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    SegmentationModule.__module__ = __name__
-    SegmentationModule.__qualname__ = "SegmentationModule"
-    return SegmentationModule
-
-
-_LAZY: dict[str, object] = {}
-
-
-def __getattr__(name: str):
-    """``SegmentationModule`` is built on first access (importing the heads never imports Lightning)."""
-    if name == "SegmentationModule":
-        if name not in _LAZY:
-            _LAZY[name] = _make_lightning_module()
-        return _LAZY[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

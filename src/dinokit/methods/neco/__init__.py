@@ -1,13 +1,16 @@
 """NeCo: patch-neighbour-consistency dense post-training (Pariza et al., ICLR 2025). Pure torch, no Lightning.
 
-Spec ``shared/spec/neco.md``. One step (§0): the EMA teacher encodes the 2 global crops, the student all K crops
-(one backbone call per crop size), both through a projection head with L2 normalisation, maps (B, E, h, w). For each
+One step (see docs/methods/neco.md): the EMA teacher encodes the 2 global crops, the student all K crops (one
+backbone call per crop size), both through a projection head with L2 normalisation, maps (B, E, h, w). For each
 ordered pair (c, v), c in {0, 1}, v != c, ROIAlign crops the overlap of the teacher's global map c and the student's
 map v to r x r bins; each of the B·r² aligned query patches is compared (cosine) with n = r² reference patches drawn
 from a FIFO queue of teacher tokens; the similarity rows are soft-sorted (teacher under no_grad) and the loss is the
 cross-entropy from the teacher's to the student's soft permutation matrices, averaged over the 2 (K - 1) pairs.
 
 Shapes: B images, E head width (256), r ROI side (7), n = r² references, K crops.
+
+The package: this core, the differentiable sorting networks (:mod:`.softsort`), the multi-crop views with their
+overlap boxes (:mod:`.views`) and the Lightning module (:mod:`.lightning`, the only part that imports Lightning).
 """
 
 from __future__ import annotations
@@ -22,7 +25,14 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import roi_align
 
-from .softsort import soft_sort
+from ..training import cosine_schedule
+from ..training import param_groups as _param_groups
+from .softsort import SoftSort, soft_sort
+from .views import NeCoDataset, NeCoViews, neco_collate
+
+__all__ = ["FeatureQueue", "NeCo", "NeCoConfig", "NeCoDataset", "NeCoViews", "ProjectionHead", "SoftSort", "align",
+           "cosine_schedule", "draw_indices", "ema_update_", "neco_collate", "pair_loss", "param_groups",
+           "similarities", "soft_sort", "sorting_cross_entropy"]
 
 
 # ----------------------------------------------------------------------------------------------- config
@@ -164,7 +174,8 @@ def sorting_cross_entropy(Q: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
 
 def pair_loss(t_aligned: torch.Tensor, s_aligned: torch.Tensor, refs: torch.Tensor, teacher_steepness: float = 100.0,
               student_steepness: float = 100.0, sort_net: str = "bitonic", sim: str = "cosine") -> torch.Tensor:
-    """L_{c,v} (spec §6) for aligned teacher/student maps (B, E, r, r) and references (B, n, E) (detached)."""
+    """L_{c,v} for aligned teacher/student maps (B, E, r, r) and references (B, n, E) (detached); see
+    docs/methods/neco.md."""
     with torch.autocast(device_type=s_aligned.device.type, enabled=False):
         refs = refs.detach().float()
         tq = t_aligned.detach().float().flatten(2).transpose(1, 2)  # (B, r², E), row-major bins
@@ -175,14 +186,7 @@ def pair_loss(t_aligned: torch.Tensor, s_aligned: torch.Tensor, refs: torch.Tens
         return sorting_cross_entropy(Q, P)
 
 
-# ------------------------------------------------------------------------------------------- schedules, EMA
-def cosine_schedule(t: int, total: int, start: float, end: float) -> float:
-    """end + (start - end) (1 + cos(pi t / total)) / 2, and ``end`` for t >= total."""
-    if total <= 0 or t >= total:
-        return float(end)
-    return float(end + 0.5 * (start - end) * (1 + math.cos(math.pi * t / total)))
-
-
+# ------------------------------------------------------------------------------------------- EMA, groups
 @torch.no_grad()
 def ema_update_(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor], momentum: float) -> None:
     """theta_T <- m theta_T + (1 - m) theta_S for every pair (in place)."""
@@ -196,19 +200,10 @@ def ema_update_(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor]
 def param_groups(backbone: nn.Module, head: nn.Module, lr_backbone: float, lr_head: float,
                  weight_decay: float = 0.04) -> list[dict]:
     """AdamW groups in order: backbone-decay, backbone-no-decay, head-decay, head-no-decay. No-decay = names ending
-    in ``.bias`` or 1-D tensors (norms, LayerScale); cls/pos/register tokens decay. Frozen parameters are left out."""
-    groups = []
-    for tag, mod, lr in (("backbone", backbone, lr_backbone), ("head", head, lr_head)):
-        decay, no_decay = [], []
-        for name, p in mod.named_parameters():
-            if not p.requires_grad:
-                continue
-            (no_decay if name.endswith(".bias") or p.ndim <= 1 else decay).append(p)
-        groups.append({"params": decay, "lr": lr, "weight_decay": weight_decay, "name": f"{tag}_decay",
-                       "base_lr": lr, "decay": True})
-        groups.append({"params": no_decay, "lr": lr, "weight_decay": 0.0, "name": f"{tag}_no_decay",
-                       "base_lr": lr, "decay": False})
-    return groups
+    in ``.bias`` or 1-D tensors (norms, LayerScale); cls/pos/register tokens decay. Frozen parameters are left out.
+    The NeCo setting of :func:`dinokit.methods.training.param_groups`."""
+    return _param_groups({"backbone": backbone, "head": head}, weight_decay,
+                         lr={"backbone": lr_backbone, "head": lr_head})
 
 
 # ------------------------------------------------------------------------------------------- the model

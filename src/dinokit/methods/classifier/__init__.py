@@ -1,28 +1,27 @@
-"""The classification recipe of attention-guided crops (crops.md §4): ResNet via timm, SGD with two weight-decay
-groups, step/cosine schedules, label smoothing, an EMA updated every 32 batches, colour-only augmentation and the crop
-modes ``rrc`` | ``localized`` | ``density``.
+"""The classification recipe of attention-guided crops: ResNet via timm, SGD with two weight-decay groups, step/cosine
+schedules, label smoothing, an EMA updated every 32 batches, colour-only augmentation and the crop modes ``rrc`` |
+``localized`` | ``density``. See docs/methods/localisation.md.
 
-Pure-torch core first (model, parameter groups, schedules, EMA, transforms, datasets); the thin Lightning module
-``ClassifierModule`` and ``fit_classifier`` come last. Data sources: the in-memory synthetic fine-grained scenes
-(``SceneSource``, main-object box = ``boxes[0]``) and the CUB-200-2011 layout (``CUBSource`` over
-``dinokit.data.datasets.CUB200``; pseudo-box ids are CUB's 1-based ``images.txt`` ids).
+Pure torch (model, parameter groups, schedules, EMA, transforms, datasets, the recipe's numbers); the Lightning
+module ``ClassifierModule`` and ``fit_classifier`` are in :mod:`dinokit.methods.classifier.lightning`. Data sources:
+the in-memory synthetic fine-grained scenes (``SceneSource``, main-object box = ``boxes[0]``) and the CUB-200-2011
+layout (``CUBSource`` over ``dinokit.data.datasets.CUB200``; pseudo-box ids are CUB's 1-based ``images.txt`` ids).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..data import crops as C
+from ...data import crops as C
+from ..training import cosine_schedule
+from ..training import param_groups as _param_groups
 
 CROP_MODES = ("rrc", "localized", "density")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -71,10 +70,9 @@ def build_classifier(arch: str = "resnet50", num_classes: int = 200, weights: st
 
 
 def param_groups(model: nn.Module, weight_decay: float = 1e-4) -> list[dict]:
-    """Two SGD groups: ``weight_decay`` for parameters with ndim > 1, 0 for ndim <= 1 (BN weights, all biases)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    """Two SGD groups: ``weight_decay`` for parameters with ndim > 1, 0 for ndim <= 1 (BN weights, all biases).
+    The recipe's setting of :func:`dinokit.methods.training.param_groups`."""
+    return _param_groups(model, weight_decay)
 
 
 def step_lr(epoch: int, lr: float = 2e-4, epochs: int = 200, lr_end: float = 1e-5, every: int = 10) -> float:
@@ -85,11 +83,9 @@ def step_lr(epoch: int, lr: float = 2e-4, epochs: int = 200, lr_end: float = 1e-
 
 def cosine_lr(step: int, total_steps: int, lr: float = 2e-4, lr_end: float = 1e-5, warmup_steps: int = 0,
               start_factor: float = 0.01) -> float:
-    """Per-step cosine from lr to lr_end after an optional linear warm-up from start_factor * lr."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return lr * (start_factor + (1 - start_factor) * step / warmup_steps)
-    t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return lr_end + 0.5 * (lr - lr_end) * (1 + math.cos(math.pi * t))
+    """Per-step cosine from lr to lr_end after an optional linear warm-up from start_factor * lr.
+    The recipe's setting of :func:`dinokit.methods.training.cosine_schedule`."""
+    return cosine_schedule(step, total_steps, lr, lr_end, warmup_steps, start_factor)
 
 
 class EmaEvery(nn.Module):
@@ -195,7 +191,7 @@ class CUBSource:
     """CUB-200-2011 through ``dinokit.data.datasets.CUB200``; ids are the numeric ``images.txt`` ids (as strings)."""
 
     def __init__(self, root: str | Path, split: str = "train", split_mode: str = "dinov2_consistent"):
-        from ..data.datasets import CUB200
+        from ...data.datasets import CUB200
 
         self.ds = CUB200(root, split=split, split_mode=split_mode)
         self.num_classes = self.ds.num_classes
@@ -294,12 +290,12 @@ class CropDataset(Dataset):
         return _normalise(x), s.label
 
 
-# ------------------------------------------------------------------------------------------ Lightning
+# ------------------------------------------------------------------------------------------ the recipe
 
 
 @dataclass
 class RecipeConfig:
-    """§4.2 (defaults = the reference's stage 2)."""
+    """The recipe's numbers (defaults = the reference's stage 2; see docs/methods/localisation.md)."""
 
     lr: float = 2e-4
     lr_end: float = 1e-5
@@ -316,114 +312,3 @@ class RecipeConfig:
     def __post_init__(self) -> None:
         if self.schedule not in ("step", "cosine"):
             raise ValueError(f"schedule={self.schedule!r}; choose 'step' or 'cosine'")
-
-
-class ClassifierModule(L.LightningModule):
-    """Wires the recipe: SGD + schedule, label-smoothed CE, EMA, raw and EMA validation, running_acc, and the online
-    density crops (one backbone forward per batch, on the batch's device)."""
-
-    def __init__(self, model: nn.Module, cfg: RecipeConfig | None = None,
-                 density: C.OnlineDensityCrops | None = None, steps_per_epoch: int = 1):
-        super().__init__()
-        self.model, self.cfg, self.density = model, cfg or RecipeConfig(), density
-        self.ema = EmaEvery(model, self.cfg.ema_decay, self.cfg.ema_every)
-        self.steps_per_epoch = steps_per_epoch
-        self.acc_history: list[float] = []
-        self._val = torch.zeros(3, dtype=torch.long)  # correct raw, correct ema, count
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
-
-    def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        if self.density is not None and len(batch) == 3 and self.trainer is not None and self.trainer.training:
-            canvas, valid, y = batch
-            return self.density(canvas, valid)["images"], y
-        return batch
-
-    def on_train_epoch_start(self) -> None:
-        e = self.cfg.bn_freeze_after_epoch
-        if e is not None and self.current_epoch >= e:
-            set_bn_eval(self.model)
-
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        loss = F.cross_entropy(self.model(x), y, label_smoothing=self.cfg.label_smoothing)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(y))
-        return loss
-
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        self.ema.maybe_update(self.model, batch_idx)
-
-    def on_validation_epoch_start(self) -> None:
-        self._val = torch.zeros(3, dtype=torch.long, device=self.device)
-
-    def validation_step(self, batch, batch_idx: int) -> None:
-        x, y = batch
-        self._val[0] += (self.model(x).argmax(1) == y).sum()
-        self._val[1] += (self.ema.module(x).argmax(1) == y).sum()
-        self._val[2] += len(y)
-
-    def on_validation_epoch_end(self) -> None:
-        v = self.all_gather(self._val).reshape(-1, 3).sum(0) if self.trainer.world_size > 1 else self._val
-        n = max(1, int(v[2]))
-        acc, acc_ema = float(v[0]) / n, float(v[1]) / n  # sample-weighted
-        if not self.trainer.sanity_checking:
-            self.acc_history.append(acc)
-        running = float(np.mean(self.acc_history)) if self.acc_history else acc
-        self.log_dict({"val/acc": acc, "val/acc_ema": acc_ema, "running_acc": running}, sync_dist=False)
-
-    def configure_optimizers(self):
-        c = self.cfg
-        opt = torch.optim.SGD(param_groups(self.model, c.weight_decay), lr=c.lr, momentum=c.momentum)
-        if c.schedule == "step":
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: step_lr(e, c.lr, c.epochs, c.lr_end) / c.lr)
-            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
-        total, warm = c.epochs * self.steps_per_epoch, c.warmup_epochs * self.steps_per_epoch
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, total, c.lr, c.lr_end, warm) / c.lr)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-
-class BatchNormTrainCheck(L.Callback):
-    """Asserts that BatchNorm is in train mode at every training step (unless ``bn_freeze_after_epoch`` is set)."""
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
-        if pl_module.cfg.bn_freeze_after_epoch is None and not bn_in_train_mode(pl_module.model):
-            raise RuntimeError("BatchNorm layers are in eval mode during training; set bn_freeze_after_epoch to "
-                               "reproduce the reference's frozen statistics on purpose")
-
-
-def fit_classifier(train_set: CropDataset, val_set: CropDataset, model: nn.Module, cfg: RecipeConfig,
-                   batch_size: int = 32, num_workers: int = 0, density: C.OnlineDensityCrops | None = None,
-                   accelerator: str = "cpu", devices: int | str = 1, precision: str = "32-true", seed: int = 0,
-                   out: Path | None = None) -> tuple[dict[str, float], ClassifierModule]:
-    """Train with Lightning and return the final metrics (val/acc, val/acc_ema, running_acc, EMA updates)."""
-    from torch.utils.data import DataLoader
-
-    L.seed_everything(seed, workers=True, verbose=False)
-    world = int(devices) if str(devices).isdigit() else 1
-    if batch_size % world:
-        raise ValueError(f"global batch {batch_size} is not divisible by {world} devices")
-    per_device = batch_size // world
-    g = torch.Generator().manual_seed(seed)
-    train_dl = DataLoader(train_set, per_device, shuffle=True, num_workers=num_workers, drop_last=False,
-                          generator=g, persistent_workers=num_workers > 0)
-    val_dl = DataLoader(val_set, per_device, shuffle=False, num_workers=num_workers)
-    module = ClassifierModule(model, cfg, density, steps_per_epoch=len(train_dl))
-    trainer = L.Trainer(max_epochs=cfg.epochs, accelerator=accelerator, devices=devices, precision=precision,
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[BatchNormTrainCheck()],
-                        sync_batchnorm=world > 1, num_sanity_val_steps=0, deterministic=False,
-                        default_root_dir=str(out) if out else None)
-    trainer.fit(module, train_dl, val_dl)
-    m = {k: float(v) for k, v in trainer.callback_metrics.items() if k in ("val/acc", "val/acc_ema", "running_acc")}
-    m["ema_updates"] = module.ema.updates
-    m["missing_box_fallbacks"] = len(train_set.missing_ids)
-    if out is not None and trainer.is_global_zero:
-        from safetensors.torch import save_file
-
-        from ..io import atomic_path
-
-        for name, net in (("model", module.model), ("ema", module.ema.module)):
-            with atomic_path(Path(out) / f"{name}.safetensors") as tmp:
-                save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(tmp))
-    return m, module
