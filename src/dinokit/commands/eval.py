@@ -722,3 +722,33 @@ def boxes(preds: Path, data: Path, out: Path = Path("runs/eval"), split: str = "
            "hard": hard, "empty_gt": empty_gt, "iou_mode": iou_mode, "clip_boxes": clip_boxes, "seed": seed}
     _write(out, "boxes", metrics, _meta("boxes", protocol, cfg, {"name": method}))
     return 0
+
+
+@command("eval feature-norm")
+def feature_norm(data: Path, out: Path = Path("runs/eval"), backbone: str = "dinov2_vits14",
+                 weights: str = "pretrained", split: str = "val", size: int = 224, n_images: int | None = None,
+                 features: Path | None = None, batch_size: int = 32, device: str = "cpu", seed: int = 0) -> int:
+    """Per-token L2 norm of the patch features of a split (mean, std, min, max): a check for collapsed features.
+
+    Args:
+        data: dataset root or image folder (masks are not needed).
+        out: output folder (feature-norm.json).
+        backbone: backbone short name or timm architecture.
+        weights: "pretrained", a tag, a checkpoint file, or "random".
+        split: split to featurise.
+        size: squash size S.
+        n_images: only the first n images.
+        features: features written by `dinokit features`.
+        batch_size: images per forward pass.
+        device: torch device.
+        seed: recorded seed (the computation is deterministic).
+    """
+    from ..eval.feature_norm import feature_norm as run
+
+    sp = _open_split(data, split, size, n_images, need_masks=False)
+    feats, rec = _features(sp, features, backbone, weights, size, device, batch_size)
+    metrics = {f"{sp.key}/feature_norm/in{size}/{k}": v for k, v in run(feats).items()}
+    cfg = {"data": str(data), "backbone": backbone, "weights": weights, "split": split, "size": size,
+           "n_images": len(sp.ids), "seed": seed}
+    write_result(out, "feature-norm", metrics, _meta("feature-norm", "l2", cfg, rec), show=("/mean", "/std"))
+    return 0
