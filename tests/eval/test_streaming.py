@@ -106,7 +106,7 @@ def test_lazy_feature_dir_equals_full_load(tmp_path):
 
 
 def test_subset_token_grammar():
-    from dinokit.commands.eval import subset_token
+    from dinokit.commands.evaluation import subset_token
 
     assert subset_token(0.125, 42) == "sub1of8-s42" and subset_token(1 / 64, 400) == "sub1of64-s400"
     assert subset_token(0.1, 0) == "sub1of10-s0" and subset_token(0.3, 7) == "sub0.3-s7"

@@ -410,6 +410,7 @@ def load_backbone(name: str | None = None, weights: str = "pretrained", *, tag: 
     """
     import json
 
+    from . import resolve as R
     from . import weights as W
 
     if which not in ("teacher", "student"):
@@ -434,10 +435,10 @@ def load_backbone(name: str | None = None, weights: str = "pretrained", *, tag: 
         kwargs.update(dynamic_img_size=True, drop_path_rate=drop_path_rate)
         if spec.family == "dinov3":
             kwargs["global_pool"] = "token"
-    ckpt = W.read_checkpoint(name, spec, weights, tag=tag, offline=offline, cache_dir=cache_dir, which=which,
+    ckpt = R.read_checkpoint(name, spec, weights, tag=tag, offline=offline, cache_dir=cache_dir, which=which,
                              key=key, trust_checkpoint=trust_checkpoint)
-    model = W.create_model(spec, kwargs, weights, ckpt, keep_img_size="img_size" in (model_kwargs or {}))
-    info, kept = W.load_weights(model, name, spec, weights, ckpt=ckpt, drop_registers=drop_registers)
+    model = R.create_model(spec, kwargs, weights, ckpt, keep_img_size="img_size" in (model_kwargs or {}))
+    info, kept = R.load_weights(model, name, spec, weights, ckpt=ckpt, drop_registers=drop_registers)
     bb = Backbone(model, name, spec, size_policy=size_policy, pos_interp=pos_interp, weights_info=info,
                   freeze_bn=freeze_bn)
     bb.kept_tensors = kept

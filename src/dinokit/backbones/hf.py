@@ -313,7 +313,8 @@ def resolve_repo(repo: str, *, offline: bool | None = None, cache_dir: str | Non
     online, ``hf_hub_download`` into the cache. Raises ``WeightsUnavailableError`` naming where it looked."""
     from huggingface_hub import try_to_load_from_cache
 
-    from .weights import WeightsUnavailableError, _hf_cache_dir, is_offline
+    from .resolve import _hf_cache_dir
+    from .weights import WeightsUnavailableError, is_offline
 
     online = not is_offline(offline)
     errors: list[str] = []
@@ -407,7 +408,8 @@ def read_transformers(name: str, spec, weights: Any, *, offline: bool | None = N
     A folder or cached repo without a transformers ``config.json`` (a timm repo, a folder of one checkpoint) is read
     as the plain weights file it holds, with the usual layout detection.
     """
-    from .weights import Checkpoint, _summarise, read_checkpoint, sha256
+    from .resolve import read_checkpoint
+    from .weights import Checkpoint, _summarise, sha256
 
     loc = hf_location(weights)
     if loc is None:

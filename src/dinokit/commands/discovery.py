@@ -159,7 +159,7 @@ def discover(data: str = "synthetic", out: Path = Path("runs/discover"), method:
                 empty_gt=empty_gt, iou_mode=iou_mode)
     base = f"{key}-{split}/corloc/lost/{method}"
     metrics = {f"{base}/{m}": v for m, v in cl.items()}
-    from .eval import _meta
+    from .evaluation import _meta
 
     cfg["seconds"] = time.perf_counter() - t0
     _write(out, f"corloc_{method}", metrics, _meta("discover", "lost", cfg, _record(bb),
@@ -283,7 +283,7 @@ def knn(data: str = "synthetic", out: Path = Path("runs/eval"), backbone: str = 
                        num_classes=len(names), ks=ks, temperature=temperature, device=device)
     base = f"{dataset_key or key}/knn/{feature}/in{size}"
     metrics = {f"{base}/{k.split('/')[0]}/T{temperature:g}/{k.split('/')[1]}": v for k, v in res.metrics.items()}
-    from .eval import _meta
+    from .evaluation import _meta
 
     cfg = {"data": str(data), "backbone": backbone, "weights": weights, "rasa": str(rasa) if rasa else None,
            "train_split": train_split, "split": split, "split_mode": split_mode, "size": size, "resize": resize,
@@ -412,7 +412,7 @@ def unsup_seg(data: str = "synthetic", out: Path = Path("runs/eval"), backbone: 
                         {"ground truth": ex["gt"], "noisy fg": ex["noisy_fg"].astype(np.int64),
                          "CBFE fg": ex["cbfe_fg"].astype(np.int64), f"k{k} clusters": ex["clusters"],
                          "communities": ex["communities"]}, int(ds0.ignore_index))
-    from .eval import _meta
+    from .evaluation import _meta
 
     conf = {"data": str(data), "backbone": backbone, "weights": weights, "rasa": str(rasa) if rasa else None,
             "train_split": train_split, "split": split, "size": size, "fg_source": fg_source,
