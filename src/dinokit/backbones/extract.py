@@ -10,10 +10,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .shards import read_shard, shard_is_complete, shard_name, write_shard
+
+
+def as_uint8_chw(image) -> torch.Tensor:
+    """PIL image, (H, W, 3) uint8 array or (3, H, W) uint8 tensor -> (3, H, W) uint8 tensor."""
+    if isinstance(image, torch.Tensor):
+        t = image if image.shape[0] == 3 else image.permute(2, 0, 1)
+        return t.to(torch.uint8)
+    arr = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
+    if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
+        raise ValueError(f"expected an RGB uint8 image (H, W, 3), got {arr.dtype} {arr.shape}")
+    arr = np.ascontiguousarray(arr)
+    return torch.from_numpy(arr if arr.flags.writeable else arr.copy()).permute(2, 0, 1)
 
 
 def normalise(backbone, x: torch.Tensor) -> torch.Tensor:

@@ -70,22 +70,32 @@ def _extract(bb, images: list, device: str, batch_size: int = 32):
     return patch_features(bb, images, batch_size, device)
 
 
-def _features(split: _Split, features: Path | None, backbone: str, weights: str, size: int, device: str,
-              batch_size: int, bb=None):
-    """(N, h, w, D) features of ``split``: from shards (checked) or extracted now. Returns (feats, record)."""
-    if features is None:
-        bb = bb or _backbone(backbone, weights, device)
-        return _extract(bb, split.images, device, batch_size), {"name": bb.name, "patch_size": bb.patch_size,
-                                                              "weights": bb.weights_info}
-    from ..backbones.shards import load_feature_dir
+def _record(bb) -> dict:
+    """What a result records of the backbone that made its features."""
+    return {"name": bb.name, "patch_size": bb.patch_size, "weights": bb.weights_info}
 
-    fs = load_feature_dir(features, expect_backbone=backbone)
+
+def _checked_record(fs, features: Path, size: int) -> dict:
+    """The backbone record of feature shards ``fs`` (read from ``features``); refuses a grid ``size`` does not give."""
     rec = fs.meta.get("backbone", {})
     p = int(rec.get("patch_size") or 0)
     if p and tuple(fs.grid) != (size // p, size // p):
         raise ValueError(f"features in {features} have grid {tuple(fs.grid)}, but --size {size} with patch size {p} "
                          f"needs {(size // p, size // p)}; recompute them with `dinokit features --size {size}` or "
                          "fix --size")
+    return rec
+
+
+def _features(split: _Split, features: Path | None, backbone: str, weights: str, size: int, device: str,
+              batch_size: int, bb=None):
+    """(N, h, w, D) features of ``split``: from shards (checked) or extracted now. Returns (feats, record)."""
+    if features is None:
+        bb = bb or _backbone(backbone, weights, device)
+        return _extract(bb, split.images, device, batch_size), _record(bb)
+    from ..backbones.shards import load_feature_dir
+
+    fs = load_feature_dir(features, expect_backbone=backbone)
+    rec = _checked_record(fs, features, size)
     pos = {i: j for j, i in enumerate(fs.image_ids)}
     missing = [i for i in split.ids if i not in pos]
     if missing:
@@ -190,17 +200,11 @@ def stream_features(loader, features: Path | None, backbone: str, weights: str, 
 
     if features is None:
         bb = bb or _backbone(backbone, weights, device)
-        return iter_patch_features(bb, loader, device), {"name": bb.name, "patch_size": bb.patch_size,
-                                                         "weights": bb.weights_info}
+        return iter_patch_features(bb, loader, device), _record(bb)
     from ..backbones.shards import LazyFeatureDir
 
     fs = LazyFeatureDir(features, expect_backbone=backbone)
-    rec = fs.meta.get("backbone", {})
-    p = int(rec.get("patch_size") or 0)
-    if p and tuple(fs.grid) != (size // p, size // p):
-        raise ValueError(f"features in {features} have grid {tuple(fs.grid)}, but --size {size} with patch size {p} "
-                         f"needs {(size // p, size // p)}; recompute them with `dinokit features --size {size}` or "
-                         "fix --size")
+    rec = _checked_record(fs, features, size)
     missing = fs.missing(loader.dataset.ids)
     if missing:
         raise ValueError(f"features in {features} lack {len(missing)} image(s) of the split (first: {missing[:3]}); "

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..backbones.extract import as_uint8_chw
 from .boxes import grid_box_to_xyxy
 
 METHODS = ("lost", "tokencut")
@@ -238,17 +239,6 @@ class DiscoveryRun:
     seed_outside: list[int]
     components: list[np.ndarray]
     scores: list[np.ndarray]
-
-
-def as_uint8_chw(image) -> torch.Tensor:
-    """PIL image, (H, W, 3) uint8 array or (3, H, W) uint8 tensor -> (3, H, W) uint8 tensor."""
-    if isinstance(image, torch.Tensor):
-        t = image if image.shape[0] == 3 else image.permute(2, 0, 1)
-        return t.to(torch.uint8)
-    arr = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
-    if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
-        raise ValueError(f"expected an RGB uint8 image (H, W, 3), got {arr.dtype} {arr.shape}")
-    return torch.from_numpy(np.array(arr)).permute(2, 0, 1)
 
 
 def _prepare(image, patch: int, mean: torch.Tensor, std: torch.Tensor, size: str) -> tuple[torch.Tensor, tuple]:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ...backbones.extract import as_uint8_chw  # noqa: F401  (part of this module's API)
 from ...io import atomic_write_text
 from ...viz.maps import mass_threshold_mask
 
@@ -232,18 +233,6 @@ def boxes_from_attention(attn: torch.Tensor, sizes: Sequence[tuple[int, int]],
         flags.append(b is None)
         out.append(b if b is not None else [0, 0, int(W), int(H)])
     return out, flags
-
-
-def as_uint8_chw(image) -> torch.Tensor:
-    """PIL image, (H, W, 3) uint8 array or (3, H, W) uint8 tensor -> (3, H, W) uint8 tensor."""
-    if isinstance(image, torch.Tensor):
-        t = image if image.shape[0] == 3 else image.permute(2, 0, 1)
-        return t.to(torch.uint8)
-    arr = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
-    if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
-        raise ValueError(f"expected an RGB uint8 image (H, W, 3), got {arr.dtype} {arr.shape}")
-    arr = np.ascontiguousarray(arr)
-    return torch.from_numpy(arr if arr.flags.writeable else arr.copy()).permute(2, 0, 1)
 
 
 def image_hw(image) -> tuple[int, int]:
